@@ -1,0 +1,441 @@
+"""HDF5 shard storage shared by every stage: a declared schema, atomic shard writes, and one reader.
+
+A stage output directory holds:
+
+- ``dataset.json``: written when a run starts. The schema (what each stored field is, its dtype, encoding and
+  precision), the stage configuration and library versions that made the data, the dataset's classes and the shard
+  plan (which video ids go to which shard). A later run into the same directory must declare the same schema or is
+  refused (see :func:`prepare_output`).
+- ``shard-NNNNN.h5``: written under ``shard-NNNNN.h5.tmp`` and renamed when complete, so a file with the final name
+  is always whole. A rerun skips those and redoes the rest. Each shard carries the schema too, so a lone shard
+  still says what it is.
+- ``manifest.json``: derived from the shards after a run (every video, its shard, frame count, label, status and
+  failure reason). The shards are the truth; the manifest is an index for people and tools.
+
+Inside a shard, video ``i`` of the shard lives in group ``videos/NNNN`` (ids are attributes, so any id string is
+safe) with one dataset per field. Image fields are either raw ``uint8`` arrays ``(T, H, W, C)`` chunked per frame
+(optionally compressed), or JPEG bytes per frame in a variable-length dataset. Numeric fields (e.g. flow) are stored
+as ``value * scale`` in the declared dtype and read back as float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+SCHEMA_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.json"
+SHARD_GLOB = "shard-*.h5"
+
+
+class StoreError(RuntimeError):
+    """A shard directory that cannot be used: missing, from another format version, or another configuration."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one per-video array is stored.
+
+    ``frames_offset`` says how the field's frame count relates to the video's: flow has one frame fewer
+    (pairs t -> t+1), so it is -1.
+    """
+
+    name: str
+    channels: int
+    dtype: str = "uint8"  # stored dtype
+    encoding: str = "raw"  # "raw" (array) or "jpeg" (bytes per frame; uint8 images only)
+    scale: float = 1.0  # stored = round(value * scale) for integer dtypes, value for float dtypes
+    compression: str | None = None  # h5py filter for raw fields: None, "lzf" or "gzip"
+    quality: int | None = None  # JPEG quality
+    frames_offset: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ("raw", "jpeg"):
+            raise ValueError(f"unknown encoding {self.encoding!r} for field {self.name!r}")
+        if self.encoding == "jpeg" and (self.dtype != "uint8" or self.channels != 3):
+            raise ValueError(f"field {self.name!r}: JPEG stores 3-channel uint8 images only")
+
+    def max_error(self) -> float:
+        """Largest absolute difference between a value written and the value read back (raw numeric fields)."""
+        if self.encoding == "jpeg":
+            return float("nan")  # lossy; measured, not bounded
+        if np.issubdtype(np.dtype(self.dtype), np.integer):
+            return 0.5 / self.scale if self.scale != 1.0 else 0.0
+        return float(np.finfo(np.dtype(self.dtype)).eps)  # relative for floats
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a stage writes. Stored once in ``dataset.json`` and in every shard; compared on every resume."""
+
+    kind: str  # "flow" (extract-flow) or "train" (build-rgbf)
+    height: int
+    width: int
+    fields: tuple[FieldSpec, ...]
+    config: dict[str, Any] = field(default_factory=dict)  # the stage configuration that made the data
+    version: int = FORMAT_VERSION
+
+    def field(self, name: str) -> FieldSpec:
+        for spec in self.fields:
+            if spec.name == name:
+                return spec
+        raise StoreError(f"this data holds no {name!r} (it holds: {', '.join(self.field_names)})")
+
+    @property
+    def field_names(self) -> list[str]:
+        return [spec.name for spec in self.fields]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Schema":
+        data = dict(data)
+        data["fields"] = tuple(FieldSpec(**f) for f in data["fields"])
+        return cls(**data)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with the data, so a shard says what made it."""
+    import cv2  # imported here: reading shards must not need OpenCV's import cost up front
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "opencv": cv2.__version__,
+        "asym3d_format": str(FORMAT_VERSION),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output directory set-up: refuse to mix configurations
+
+
+def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: list[list[str]],
+                   *, overwrite: bool = False) -> None:
+    """Create ``root`` for a run, or check that it continues an earlier run of the same configuration.
+
+    ``dataset`` holds what the data is about (kind, classes, relabel mappings); ``plan`` the video ids per shard.
+    A different schema or plan in an existing directory raises :class:`StoreError` naming the difference, unless
+    ``overwrite``, which deletes the earlier shards first (never silently).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    meta_path = root / SCHEMA_FILE
+    new = {"schema": schema.to_dict(), "dataset": dataset, "plan": plan}
+    if meta_path.exists() and not overwrite:
+        old = json.loads(meta_path.read_text())
+        diff = _differences(old, json.loads(json.dumps(new)))
+        if diff:
+            raise StoreError(f"{root}: holds output of a different configuration ({'; '.join(diff[:5])}); "
+                             "use another output directory or --overwrite")
+        return
+    if overwrite:
+        for path in list(root.glob(SHARD_GLOB)) + list(root.glob(SHARD_GLOB + ".tmp")):
+            path.unlink()
+        (root / MANIFEST_FILE).unlink(missing_ok=True)
+    _atomic_write_text(meta_path, json.dumps(new, indent=1))
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable list of where two JSON documents differ (library versions excluded)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            if key == "libraries":
+                continue
+            sub = f"{path}.{key}" if path else key
+            if key not in old or key not in new:
+                out.append(f"{sub} only in {'new' if key in new else 'existing'} run")
+            else:
+                out.extend(_differences(old[key], new[key], sub))
+        return out
+    if old != new:
+        if isinstance(old, list) and isinstance(new, list) and len(old) > 8:
+            return [f"{path} differs"]
+        return [f"{path}: existing {old!r} vs requested {new!r}"]
+    return []
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_dataset_meta(root: Path) -> dict[str, Any]:
+    """The ``dataset.json`` of a stage output, with a clear error when the directory is not one."""
+    meta_path = Path(root) / SCHEMA_FILE
+    if not meta_path.is_file():
+        raise StoreError(f"{root}: not an asym3d shard directory (no {SCHEMA_FILE})")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("schema", {}).get("version")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{meta_path}: format version {version}, this asym3d reads version {FORMAT_VERSION}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    video_id: str
+    label: int
+    label_name: str
+    source: str = ""
+    splits: dict[int, str] = field(default_factory=dict)
+
+
+class ShardWriter:
+    """Write one shard atomically: ``with ShardWriter(path, schema, index) as w: w.add_video(...)``.
+
+    The file is built under ``<path>.tmp`` and renamed onto ``path`` only when the ``with`` block ends without an
+    exception, so a killed process never leaves a file that looks complete.
+    """
+
+    def __init__(self, path: Path, schema: Schema, shard_index: int):
+        self.path = Path(path)
+        self.schema = schema
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = h5py.File(self.tmp, "w")
+        self._file.attrs["asym3d_schema"] = json.dumps(schema.to_dict())
+        self._file.attrs["asym3d_shard"] = shard_index
+        self._videos = self._file.create_group("videos")
+        self._failures: list[dict[str, str]] = []
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._file.attrs["failures"] = json.dumps(self._failures)
+            self._file.close()
+            os.replace(self.tmp, self.path)
+        else:
+            self._file.close()
+            self.tmp.unlink(missing_ok=True)
+
+    def add_failure(self, video_id: str, source: str, reason: str) -> None:
+        self._failures.append({"video_id": video_id, "path": source, "reason": reason})
+
+    def add_video(self, meta: VideoMeta, arrays: dict[str, np.ndarray]) -> None:
+        """Store one video. ``arrays`` maps each schema field to its decoded values ((T, H, W, C))."""
+        missing = set(self.schema.field_names) - set(arrays)
+        if missing:
+            raise ValueError(f"{meta.video_id}: no data for fields {sorted(missing)}")
+        group = self._videos.create_group(f"{len(self._videos):04d}")
+        n_frames = None
+        for spec in self.schema.fields:
+            values = arrays[spec.name]
+            _write_field(group, spec, values)
+            if spec.frames_offset == 0:
+                n_frames = len(values)
+        if n_frames is None:  # only offset fields: derive the video's frame count from the first
+            n_frames = len(arrays[self.schema.fields[0].name]) - self.schema.fields[0].frames_offset
+        group.attrs.update(video_id=meta.video_id, label=meta.label, label_name=meta.label_name,
+                           source=meta.source, n_frames=n_frames,
+                           splits=json.dumps({str(k): v for k, v in meta.splits.items()}))
+
+
+def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None:
+    expected = (spec.channels,)
+    if values.ndim != 4 or values.shape[-1:] != expected:
+        raise ValueError(f"field {spec.name!r}: expected (T, H, W, {spec.channels}), got {values.shape}")
+    if spec.encoding == "jpeg":
+        import simplejpeg
+
+        data = group.create_dataset(spec.name, (len(values),), dtype=h5py.vlen_dtype(np.uint8))
+        for i, frame in enumerate(values):
+            encoded = simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
+                                             colorspace="RGB", colorsubsampling="444")
+            data[i] = np.frombuffer(encoded, np.uint8)
+        return
+    dtype = np.dtype(spec.dtype)
+    if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
+        info = np.iinfo(dtype)
+        stored = np.clip(np.rint(values * spec.scale), info.min, info.max).astype(dtype)
+    else:
+        stored = values.astype(dtype, copy=False)
+    chunks = (1,) + stored.shape[1:] if len(stored) else None
+    group.create_dataset(spec.name, data=stored, chunks=chunks, compression=spec.compression)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    video_id: str
+    label: int
+    label_name: str
+    n_frames: int
+    shard: str
+    key: str
+    source: str
+    splits: dict[int, str]
+
+
+class ShardSet:
+    """Read-only view of a stage output directory, shared by the trainer, the evaluator and users.
+
+    HDF5 handles are opened lazily and dropped when pickled, so a ShardSet can be handed to DataLoader workers or
+    dask tasks: each process opens its own files.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root}: no such directory")
+        meta = load_dataset_meta(self.root)
+        self.schema = Schema.from_dict(meta["schema"])
+        self.dataset: dict[str, Any] = meta.get("dataset", {})
+        self.plan: list[list[str]] = meta.get("plan", [])
+        self.videos: list[VideoEntry] = []
+        self.failures: list[dict[str, str]] = []
+        self.complete_shards: list[str] = []
+        for path in sorted(self.root.glob(SHARD_GLOB)):
+            with h5py.File(path, "r") as f:
+                self._check_shard_schema(path, f)
+                self.complete_shards.append(path.name)
+                self.failures.extend(json.loads(f.attrs.get("failures", "[]")))
+                for key, group in f["videos"].items():
+                    a = group.attrs
+                    self.videos.append(VideoEntry(
+                        video_id=str(a["video_id"]), label=int(a["label"]), label_name=str(a["label_name"]),
+                        n_frames=int(a["n_frames"]), shard=path.name, key=key, source=str(a["source"]),
+                        splits={int(k): v for k, v in json.loads(a["splits"]).items()}))
+        self._by_id = {v.video_id: v for v in self.videos}
+        self._files: dict[str, h5py.File] = {}
+
+    def _check_shard_schema(self, path: Path, f: h5py.File) -> None:
+        raw = f.attrs.get("asym3d_schema")
+        if raw is None:
+            raise StoreError(f"{path}: not an asym3d shard (no schema attribute)")
+        stored = json.loads(raw)
+        if stored.get("version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: format version {stored.get('version')}, "
+                             f"this asym3d reads version {FORMAT_VERSION}")
+        if stored != json.loads(json.dumps(self.schema.to_dict())):
+            raise StoreError(f"{path}: schema differs from {self.root / SCHEMA_FILE} (shard of another run)")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.dataset.get("classes", []))
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._by_id
+
+    def video(self, video_id: str) -> VideoEntry:
+        try:
+            return self._by_id[video_id]
+        except KeyError:
+            raise KeyError(f"{self.root}: no video {video_id!r}") from None
+
+    def split_videos(self, split: int, subset: str) -> list[VideoEntry]:
+        """Videos stored here that the dataset puts in ``subset`` ("train"/"test") of split ``split``."""
+        return [v for v in self.videos if v.splits.get(split) == subset]
+
+    def field_length(self, video: VideoEntry, name: str) -> int:
+        return video.n_frames + self.schema.field(name).frames_offset
+
+    def read(self, video_id: str | VideoEntry, name: str, start: int = 0, stop: int | None = None,
+             index: Iterable[int] | None = None) -> np.ndarray:
+        """Frames ``start:stop`` (or the listed frame ``index``) of one field of one video.
+
+        Images come back as uint8 ``(n, H, W, C)``; scaled integer or float fields as float32.
+        """
+        video = video_id if isinstance(video_id, VideoEntry) else self.video(video_id)
+        spec = self.schema.field(name)
+        ds = self._handle(video.shard)["videos"][video.key][spec.name]
+        if index is not None:
+            idx = np.asarray(list(index), dtype=np.int64)
+            uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing indices
+            raw = ds[uniq.tolist()]
+            raw = raw[inverse] if spec.encoding == "raw" else [raw[i] for i in inverse]
+        else:
+            raw = ds[start:stop]
+        return decode_field(spec, raw)
+
+    def _handle(self, shard: str) -> h5py.File:
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = h5py.File(self.root / shard, "r")
+        return handle
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}  # h5py handles never cross process boundaries
+        return state
+
+    def __iter__(self) -> Iterator[VideoEntry]:
+        return iter(self.videos)
+
+
+def decode_field(spec: FieldSpec, raw: Any) -> np.ndarray:
+    """Stored values (as h5py returns them) to the values the schema declares."""
+    if spec.encoding == "jpeg":
+        import simplejpeg
+
+        frames = [simplejpeg.decode_jpeg(np.asarray(b).tobytes(), colorspace="RGB") for b in raw]
+        if not frames:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        return np.stack(frames)
+    raw = np.asarray(raw)
+    if spec.dtype == "uint8":
+        return raw
+    values = raw.astype(np.float32)
+    if spec.scale != 1.0 and np.issubdtype(np.dtype(spec.dtype), np.integer):
+        values /= spec.scale
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def write_manifest(root: Path) -> dict[str, Any]:
+    """Rebuild ``manifest.json`` from the shards on disk; returns it. Planned videos not yet written are pending."""
+    shards = ShardSet(root)
+    shards.close()
+    where = {vid: i for i, ids in enumerate(shards.plan) for vid in ids}
+    entries = [{"video_id": v.video_id, "shard": v.shard, "n_frames": v.n_frames, "label": v.label,
+                "label_name": v.label_name, "status": "ok"} for v in shards.videos]
+    entries += [{"video_id": f["video_id"], "shard": shard_name(where.get(f["video_id"], -1)),
+                 "path": f["path"], "status": "failed", "reason": f["reason"]} for f in shards.failures]
+    done = {e["video_id"] for e in entries}
+    pending = [vid for ids in shards.plan for vid in ids if vid not in done]
+    manifest = {
+        "schema": shards.schema.to_dict(),
+        "summary": {"videos_ok": len(shards.videos), "videos_failed": len(shards.failures),
+                    "videos_pending": len(pending), "frames": sum(v.n_frames for v in shards.videos),
+                    "shards_complete": len(shards.complete_shards), "shards_planned": len(shards.plan)},
+        "videos": entries,
+        "pending": pending,
+    }
+    _atomic_write_text(Path(root) / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    return manifest
