@@ -1,6 +1,8 @@
 """The `asym3d` command line: thin click commands that validate input and call one library function each."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -11,6 +13,366 @@ def main() -> None:
 
     Stages: extract-flow -> build-rgbf -> train -> evaluate. Each stage is resumable.
     """
+
+
+def _parse_clip(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int, int]:
+    """'16x112x112' -> (16, 112, 112); anything else is a BadParameter naming the expected form."""
+    parts = value.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is not TxHxW with three positive integers, e.g. 16x112x112")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+@main.command("models")
+@click.option("--classes", "num_classes", type=click.IntRange(min=1), default=101, show_default=True)
+@click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip, help="clip size TxHxW")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list of {name, params, macs, ...}")
+@click.option("--layers", "layers_of", metavar="NAME", help="per-layer breakdown of one network")
+@click.option("--markdown", is_flag=True, help="print the README's markdown table of all networks")
+def models_cmd(
+    num_classes: int, clip: tuple[int, int, int], as_json: bool, layers_of: str | None, markdown: bool
+) -> None:
+    """Parameters and multiply-accumulates of every network (or of each layer of one)."""
+    import json
+
+    import model
+
+    try:
+        if markdown:
+            click.echo(model.markdown_table(num_classes=num_classes, clip=clip), nl=False)
+        elif layers_of:
+            layers = model.layer_costs(layers_of, num_classes=num_classes, clip=clip)
+            text = json.dumps([r.as_dict() for r in layers], indent=1) + "\n" if as_json else model.layer_table(layers)
+            click.echo(text, nl=False)
+        else:
+            rows = model.model_summary(num_classes=num_classes, clip=clip)
+            text = json.dumps([r.as_dict() for r in rows], indent=1) + "\n" if as_json else model.summary_table(rows)
+            click.echo(text, nl=False)
+    except (KeyError, ValueError) as err:  # unknown network name, clip too small for the pools
+        raise click.ClickException(str(err)) from None
+
+
+def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    """'128x171' -> (128, 171) (height x width)."""
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is not HxW with two positive integers, e.g. 128x171")
+    return int(parts[0]), int(parts[1])
+
+
+def _existing_path(**kwargs):
+    return click.Path(exists=True, path_type=Path, **kwargs)
+
+
+# TV-L1 options: OpenCV's parameter names and defaults, recorded in the output schema.
+_TVL1_OPTIONS = [
+    ("--tau", "tau", float, "time step of the numerical scheme"),
+    ("--lambda", "lambda_", float, "weight of the data term (smaller = smoother)"),
+    ("--theta", "theta", float, "tightness between the two halves of the energy"),
+    ("--nscales", "nscales", int, "pyramid levels"),
+    ("--warps", "warps", int, "warps per pyramid level"),
+    ("--epsilon", "epsilon", float, "stopping threshold"),
+    ("--inner-iterations", "innerIterations", int, "inner iterations per warp"),
+    ("--outer-iterations", "outerIterations", int, "outer iterations per warp"),
+    ("--scale-step", "scaleStep", float, "size ratio between pyramid levels"),
+    ("--gamma", "gamma", float, "illumination-change term weight"),
+    ("--median-filtering", "medianFiltering", int, "median filter size on the flow"),
+]
+
+
+def _tvl1_options(func):
+    from pipeline.tvl1_torch import TVL1Params
+
+    defaults = TVL1Params()
+    for flag, name, kind, text in reversed(_TVL1_OPTIONS):
+        func = click.option(flag, name, type=kind, default=getattr(defaults, name), show_default=True,
+                            help=f"TV-L1: {text}")(func)
+    return func
+
+
+@main.command("extract-flow")
+@click.argument("root", type=_existing_path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dataset", "kind", type=click.Choice(["ucf101", "hmdb51", "fcvid", "folder"]), default="folder",
+              show_default=True, help="layout of ROOT (see the README)")
+@click.option("--splits-dir", type=_existing_path(file_okay=False),
+              help="official split lists (UCF-101: classInd/trainlist0N/testlist0N; HMDB-51: *_test_splitN.txt)")
+@click.option("--labels-file", type=_existing_path(dir_okay=False), help="FCVID: video -> category list")
+@click.option("--categories-file", type=_existing_path(dir_okay=False), help="FCVID: the 239 category names")
+@click.option("--keep-file", type=_existing_path(dir_okay=False),
+              help="FCVID: keep/drop decision per category [default: the reviewed list shipped with asym3d]")
+@click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="decoded frame size HxW")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), help="resample to this frame rate")
+@click.option("--max-frames", type=click.IntRange(min=2), default=20000, show_default=True,
+              help="frames decoded per video at most")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="seconds before ffmpeg is stopped on one video")
+@click.option("--backend", type=click.Choice(["auto", "cuda", "cpu", "torch", "dis", "farneback"]), default="auto",
+              show_default=True,
+              help="auto: OpenCV CUDA TV-L1 if OpenCV has CUDA, else the torch TV-L1 on a CUDA GPU, else OpenCV CPU "
+                   "TV-L1. cuda/cpu/torch are TV-L1; dis and farneback are fast NON-TV-L1 flows (recorded as such)")
+@click.option("--device", help="torch backend: cuda, cuda:1 or cpu [default: cuda if available]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="torch backend: frame pairs per batch (bounds GPU memory)")
+@_tvl1_options
+@click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="shards in parallel (joblib)")
+@click.option("--scheduler", metavar="ADDR",
+              help="run shards on an existing dask.distributed scheduler (tcp://host:8786); it must be trusted "
+                   "or use tls://; workers need ROOT and OUT_DIR on a shared filesystem")
+@click.option("--retry-failed", is_flag=True, help="retry videos recorded as failed (their shards are rewritten)")
+@click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
+def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_file, categories_file, keep_file,
+                     size, fps, max_frames, timeout, backend, device, batch_size, videos_per_shard, jobs, scheduler,
+                     retry_failed, overwrite, **tvl1) -> None:
+    """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
+
+    Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
+    video missing on disk is skipped with a warning (an error if over half of a split is missing). Bad videos
+    (corrupt, truncated, empty, not a video) are recorded as failures and the rest goes on; the exit status is 1
+    when any video failed. A rerun skips complete shards.
+    """
+    from pipeline.datasets import DatasetError, index_dataset
+    from pipeline.decode import DecodeConfig
+    from pipeline.extract import ExtractConfig, extract_flow
+    from pipeline.flow import resolve_backend
+    from pipeline.store import StoreError
+    from pipeline.tvl1_torch import TVL1Params
+
+    try:
+        index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file,
+                              categories_file=categories_file, keep_file=keep_file)
+        for warning in index.warnings[:10]:
+            click.echo(f"warning: {warning}", err=True)
+        if len(index.warnings) > 10:
+            click.echo(f"warning: ... {len(index.warnings) - 10} more skipped lines", err=True)
+        cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
+                                                timeout_s=timeout),
+                            backend=resolve_backend(backend), tvl1=TVL1Params(**tvl1), device=device,
+                            batch_size=batch_size, videos_per_shard=videos_per_shard)
+        click.echo(f"{index.kind}: {len(index.records)} videos, {len(index.classes)} classes; "
+                   f"flow backend: {cfg.backend}", err=True)
+        summary = extract_flow(index, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite,
+                               retry_failed=retry_failed)
+    except (DatasetError, StoreError, ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
+               f"{summary.shards_skipped}/{summary.shards_total} shards already complete, "
+               f"{summary.frames_decoded} frames decoded this run")
+    for failure in summary.failures:
+        click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
+    if summary.failures:
+        raise SystemExit(1)
+
+
+@main.command("build-rgbf")
+@click.argument("flow_dir", type=_existing_path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--modalities", default="rgb,flow,rgbf", show_default=True,
+              help="comma-separated: rgb, flow (flow image u,v,|F|), rgbf (RGB x normalised |F|, paper eq. 7)")
+@click.option("--storage", type=click.Choice(["jpeg", "lzf", "gzip", "raw"]), default="jpeg", show_default=True,
+              help="jpeg: ~0.08x raw size, lossy; lzf/gzip/raw: lossless uint8 (see BENCHMARKS.md)")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option("--flow-bound", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="shards in parallel (joblib)")
+@click.option("--scheduler", metavar="ADDR",
+              help="run shards on an existing dask.distributed scheduler (tcp://host:8786); it must be trusted "
+                   "or use tls://; workers need FLOW_DIR and OUT_DIR on a shared filesystem")
+@click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
+def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str, jpeg_quality: int,
+                   flow_bound: float, jobs: int, scheduler: str | None, overwrite: bool) -> None:
+    """Turn extract-flow shards in FLOW_DIR into training shards in OUT_DIR: RGB, flow image and RGBF frames.
+
+    One output shard per input shard (same videos, labels, splits); the input's failures are carried over. A rerun
+    skips complete shards. Exit status 1 when any video failed or some input shards are not written yet.
+    """
+    from pipeline.build_rgbf import BuildConfig, build_rgbf
+    from pipeline.store import StoreError
+
+    if scheduler and jobs != 1:
+        raise click.UsageError("give --jobs or --scheduler, not both")
+    try:
+        cfg = BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
+                          jpeg_quality=jpeg_quality, flow_bound=flow_bound)
+        summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite)
+    except (StoreError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {summary.videos_failed} failed, "
+               f"{summary.shards_built} shards built, {summary.shards_skipped}/{summary.shards_planned} already "
+               f"complete, {summary.frames_built} frames this run")
+    for failure in summary.failures:
+        click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
+    if summary.shards_waiting:
+        click.echo(f"{len(summary.shards_waiting)} input shards not written yet by extract-flow "
+                   f"({', '.join(summary.shards_waiting[:5])}...); rerun build-rgbf when it has finished", err=True)
+    if not summary.complete:
+        raise SystemExit(1)
+
+
+@main.command("inspect")
+@click.argument("shard_dir", type=_existing_path(file_okay=False))
+@click.option("--video", "video_id", help="a video id (see manifest.json) to render or dump")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="with --video: write a PNG strip")
+@click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), help="with --video: dump its arrays")
+@click.option("--frames", type=click.IntRange(min=1), default=8, show_default=True, help="frames in the strip")
+def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Path | None, frames: int) -> None:
+    """Summarise a shard directory (flow or training shards); render or dump one video."""
+    from pipeline.inspect import dump_npz, render_strip, summary_text
+    from pipeline.store import ShardSet, StoreError
+
+    try:
+        shards = ShardSet(shard_dir)
+        click.echo(summary_text(shards))
+        if (out or npz) and not video_id:
+            raise click.UsageError("--out and --npz need --video")
+        if video_id and out:
+            click.echo(f"wrote {render_strip(shards, video_id, out, frames)}")
+        if video_id and npz:
+            click.echo(f"wrote {dump_npz(shards, video_id, npz)}")
+    except (StoreError, KeyError) as err:
+        raise click.ClickException(str(err.args[0] if err.args else err)) from None
+
+
+@main.command("make-demo-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", type=click.IntRange(2, 10), default=6, show_default=True,
+              help="the first K of: translate right/left/up/down, rotate cw/ccw, zoom in/out, oscillate, static")
+@click.option("--videos-per-class", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--groups", type=click.IntRange(3, 99), default=6, show_default=True,
+              help="scenes gXX; split N tests the N-th third of them (at most --videos-per-class)")
+@click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True, help="frames per video")
+@click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="frame size HxW")
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: int, frames: int,
+                       size: tuple[int, int], seed: int) -> None:
+    """Write a synthetic action dataset to OUT in the UCF-101 layout (OUT/videos, OUT/splits).
+
+    Classes differ only by how random textured objects move over random scenes, so a single frame cannot tell
+    them apart. A rerun with the same options finishes an interrupted run; other options on the same OUT are refused.
+    """
+    from pipeline.demo_data import DemoDataError, make_demo_dataset
+
+    try:
+        summary = make_demo_dataset(out, classes=classes, videos_per_class=videos_per_class, groups=groups,
+                                    frames=frames, height=size[0], width=size[1], seed=seed)
+    except DemoDataError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{summary.root}: {summary.num_videos} videos ({summary.encoded} encoded now), "
+               f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
+
+
+@main.command("train")
+@click.argument("shard_dir", type=click.Path(path_type=Path))
+@click.option("--model", "model_name", required=True, help="network name (see `asym3d models`)")
+@click.option("--input", "modality", type=click.Choice(["rgb", "flow", "rgbf"]), default="rgb", show_default=True)
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True, help="train on this split")
+@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run dir")
+@click.option("--schedule", type=click.Choice(["pretrain", "finetune", "none"]), default="none", show_default=True,
+              help="paper §4.3 presets: pretrain lr 1e-3 /5 every 15 epochs, 50 epochs; finetune lr 1e-4 /10 every "
+                   "8 epochs, 20 epochs, fc8 at 10x lr; none: lr 1e-3 constant, 20 epochs. Options below override")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="clips per step per process [default: 16]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="learning rate")
+@click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
+@click.option("--workers", type=click.IntRange(min=0), help="data loader processes [default: 2]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
+              help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
+@click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
+@click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
+@click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
+@click.option("--max-missing", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="largest fraction of planned videos that may be absent from the shards")
+def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
+              schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
+              clip: tuple[int, int, int], batch_norm: bool, init: Path | None, resume: bool, compile_: bool,
+              max_missing: float) -> None:
+    """Train a network on SHARD_DIR (build-rgbf output); checkpoints, metrics.csv and curves.png go to --out.
+
+    Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
+    """
+    from model.checkpoint import CheckpointError
+    from model.data import DataError
+    from model.evaluate import parse_splits
+    from model.train import TrainError, is_main_process, make_config, train, train_splits
+    from pipeline.store import StoreError
+
+    if clip[1] != clip[2]:
+        raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")
+    try:
+        cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
+                          input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                          workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
+                          batch_norm=batch_norm, init=str(init) if init else None, resume=resume,
+                          compile=compile_, max_missing=max_missing)
+        results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
+    except (TrainError, DataError, StoreError, CheckpointError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    for result in results if is_main_process() else []:
+        click.echo(f"{result['run_dir']}: best {result['best_on']} accuracy {result['best_acc']:.3f} "
+                   f"(epoch {result['best_epoch']}), {result['train_videos']} train / {result['test_videos']} test "
+                   f"videos, {result['absent_videos']} absent from the shards")
+
+
+@main.command("evaluate")
+@click.argument("run_dirs", nargs=-1, required=True, type=_existing_path(file_okay=False))
+@click.option("--splits", default="1,2,3", show_default=True, help="comma-separated split numbers")
+@click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
+              help="training shards to read the test videos from [default: the checkpoint's shard_dir]")
+@click.option("--checkpoint", "checkpoints", multiple=True, default=["best"], show_default=True,
+              help="best, last or a path; once for all splits or repeated once per split")
+@click.option("--clips", type=click.IntRange(min=1), default=25, show_default=True, help="clips per video")
+@click.option("--crops", type=click.Choice(["1", "10"]), default="10", show_default=True,
+              help="10: centre + 4 corners, each also mirrored; 1: centre only")
+@click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True, help="views per batch")
+@click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="data loader workers")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="report directory [default: RUN_DIR/eval, or RUN_A/eval/fused_A+B with --fuse]")
+@click.option("--fuse", is_flag=True, help="fuse the saved scores of several evaluated runs instead")
+@click.option("--weights", help="with --fuse: one weight per run, e.g. 1,1 [default: equal]")
+@click.option("--features", "feature_layer", type=click.Choice(["fc6", "fc7"]),
+              help="also write features_splitN.npz: that layer's ReLU output averaged over each video's views")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the markdown table")
+def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None, checkpoints: tuple[str, ...],
+                 clips: int, crops: str, batch_size: int, device: str | None, workers: int, out: Path | None,
+                 fuse: bool, weights: str | None, feature_layer: str | None, as_json: bool) -> None:
+    """Test RUN_DIR's per-split checkpoints (RUN_DIR/splitN/best.pt) with the paper's 25 clips x 10 crops.
+
+    Writes to --out: results.md/.json (per split top-1, top-5, mean class accuracy; mean and std over splits),
+    per_class_splitN.csv, confusion_splitN.png and scores_splitN.npz. With --fuse RUN_A RUN_B: the weighted mean
+    of those saved scores (e.g. RGB + RGBF runs); runs whose videos or labels differ are refused.
+    """
+    import json
+
+    from model.checkpoint import CheckpointError
+    from model.evaluate import EvaluationError, evaluate_run, parse_splits
+    from model.fusion import fuse_runs, parse_weights
+
+    try:
+        split_list = parse_splits(splits)
+        if fuse:
+            if len(run_dirs) < 2:
+                raise click.UsageError("--fuse needs two or more runs")
+            weight_list = parse_weights(weights) if weights else None
+            summary = fuse_runs(run_dirs, split_list, weights=weight_list, out=out)
+        else:
+            if len(run_dirs) != 1 or weights:
+                raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
+            summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
+                                   clips=clips, crops=int(crops), batch_size=batch_size, device=device,
+                                   workers=workers, feature_layer=feature_layer)
+    except (EvaluationError, CheckpointError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=1))
+    else:
+        click.echo(summary["table"])
+    click.echo(f"reports in {summary['out']}", err=True)
 
 
 if __name__ == "__main__":

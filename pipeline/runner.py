@@ -18,7 +18,7 @@ def _iter_results(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, sch
     if scheduler:
         from distributed import Client, as_completed
 
-        with Client(scheduler, set_as_default=False) as client:
+        with Client(scheduler) as client:
             futures = [client.submit(fn, task, pure=False) for task in tasks]
             for future in as_completed(futures):
                 yield future.result()

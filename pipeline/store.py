@@ -59,6 +59,7 @@ class FieldSpec:
     scale: float = 1.0  # stored = round(value * scale) for integer dtypes, value for float dtypes
     compression: str | None = None  # h5py filter for raw fields: None, "lzf" or "gzip"
     quality: int | None = None  # JPEG quality
+    subsampling: str = "444"  # JPEG chroma subsampling: "444" keeps every channel sharp (flow images need it)
     frames_offset: int = 0
     description: str = ""
 
@@ -234,6 +235,10 @@ class ShardWriter:
     def add_failure(self, video_id: str, source: str, reason: str) -> None:
         self._failures.append({"video_id": video_id, "path": source, "reason": reason})
 
+    def copy_video(self, source: h5py.File, key: str) -> None:
+        """Copy a finished video from an earlier shard of the same schema byte for byte (no recomputation)."""
+        source.copy(source["videos"][key], self._videos, name=f"{len(self._videos):04d}")
+
     def add_video(self, meta: VideoMeta, arrays: dict[str, np.ndarray]) -> None:
         """Store one video. ``arrays`` maps each schema field to its decoded values ((T, H, W, C))."""
         missing = set(self.schema.field_names) - set(arrays)
@@ -263,7 +268,7 @@ def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None
         data = group.create_dataset(spec.name, (len(values),), dtype=h5py.vlen_dtype(np.uint8))
         for i, frame in enumerate(values):
             encoded = simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
-                                             colorspace="RGB", colorsubsampling="444")
+                                             colorspace="RGB", colorsubsampling=spec.subsampling)
             data[i] = np.frombuffer(encoded, np.uint8)
         return
     dtype = np.dtype(spec.dtype)
@@ -401,10 +406,14 @@ def decode_field(spec: FieldSpec, raw: Any) -> np.ndarray:
     if spec.encoding == "jpeg":
         import simplejpeg
 
-        frames = [simplejpeg.decode_jpeg(np.asarray(b).tobytes(), colorspace="RGB") for b in raw]
-        if not frames:
+        if len(raw) == 0:
             return np.zeros((0, 0, 0, 3), np.uint8)
-        return np.stack(frames)
+        first = simplejpeg.decode_jpeg(raw[0], colorspace="RGB")
+        out = np.empty((len(raw),) + first.shape, np.uint8)  # decode in place: no per-frame copies
+        out[0] = first
+        for i in range(1, len(raw)):
+            simplejpeg.decode_jpeg(raw[i], colorspace="RGB", buffer=out[i])
+        return out
     raw = np.asarray(raw)
     if spec.dtype == "uint8":
         return raw

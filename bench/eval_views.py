@@ -1,0 +1,127 @@
+"""Evaluation throughput (issue 6; table in BENCHMARKS.md): views/s of the 25-clip x 10-crop protocol.
+
+Three figures per network, measured side by side in one run on the same synthetic training shard (128x171 RGB
+frames, raw uint8, written with ``pipeline.store``):
+
+- view preparation alone: ``model.evaluate.ClipViews`` (HDF5 read of one clip, 10 crops/flips, normalisation);
+- the network alone: forward passes of ``--batch`` views of 3x16x112x112 under ``torch.inference_mode``;
+- end to end: ``model.evaluate.score_videos`` (what ``asym3d evaluate`` runs), in this one process (workers=0).
+
+The end-to-end rate is extrapolated to one UCF-101 split (3,783 test videos x 250 views). Weights are untrained:
+speed does not depend on them. On CUDA (``--device cuda``) autocast float16 is used, as in ``asym3d evaluate``.
+
+    .venv/bin/python bench/eval_views.py [--models c3d-b5,asym3d] [--threads 2] [--batch 10] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import build_model
+from model.evaluate import ClipViews, score_videos
+from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
+
+UCF101_TEST_VIDEOS = 3783  # split 1 test list
+VIEWS_PER_VIDEO = 250
+
+
+def synthetic_shards(root: Path, frames: int) -> ShardSet:
+    """One video of random 128x171 frames in a real training shard (a test video of split 1)."""
+    schema = Schema(kind="train", height=128, width=171, fields=(FieldSpec("rgb", 3),))
+    prepare_output(root, schema, {"classes": [f"c{i}" for i in range(101)]}, [["v0"]])
+    rng = np.random.default_rng(0)
+    with ShardWriter(root / shard_name(0), schema, 0) as writer:
+        writer.add_video(VideoMeta("v0", 0, "c0", splits={1: "test"}),
+                         {"rgb": rng.integers(0, 256, (frames, 128, 171, 3), dtype=np.uint8)})
+    return ShardSet(root)
+
+
+def clip_views(shards: ShardSet, clips: int) -> ClipViews:
+    return ClipViews(shards, shards.split_videos(1, "test"), "rgb", clip_len=16, num_clips=clips, crop_size=112,
+                     crops=10, mean=[100.0] * 3, std=[50.0] * 3)
+
+
+class Timer:
+    """Wall-clock and process CPU seconds of a block: on a shared machine views per CPU-second is the steadier
+    figure (it counts every thread of this process, so with 2 torch threads it is per 2 cores' worth of work)."""
+
+    def __enter__(self) -> "Timer":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def preparation_rate(shards: ShardSet, clips: int) -> tuple[float, float]:
+    views = clip_views(shards, clips)
+    with Timer() as t:
+        n = sum(views[i][1].shape[0] for i in range(len(views)))
+    return n / t.wall, n / t.cpu
+
+
+def forward_rate(net: torch.nn.Module, batch: int, repeats: int, device: torch.device) -> tuple[float, float]:
+    x = torch.randn(batch, 3, 16, 112, 112, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        net(x)  # warm-up: allocator, kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with Timer() as t:
+            for _ in range(repeats):
+                net(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    return batch * repeats / t.wall, batch * repeats / t.cpu
+
+
+def end_to_end_rate(net: torch.nn.Module, shards: ShardSet, clips: int, batch: int,
+                    device: torch.device) -> tuple[float, float]:
+    views = clip_views(shards, clips)
+    with Timer() as t:
+        _, counts = score_videos(net, views, batch_size=batch, device=device, progress=False)
+    return int(counts.sum()) / t.wall, int(counts.sum()) / t.cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="c3d-b5,asym3d")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch", type=int, default=10, help="views per forward pass (reduced on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per network")
+    parser.add_argument("--clips", type=int, default=2, help="clips (x10 views) in the end-to-end run")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = synthetic_shards(Path(tmp) / "shards", frames=120)
+        prep = preparation_rate(shards, clips=25)
+        rows = []
+        for name in args.models.split(","):
+            net = build_model(name).to(device).eval()
+            fwd = forward_rate(net, args.batch, args.repeats, device)
+            e2e = end_to_end_rate(net, shards, args.clips, args.batch, device)
+            hours = [UCF101_TEST_VIDEOS * VIEWS_PER_VIDEO / rate / 3600 for rate in e2e]
+            rows.append(f"| {name} | {device.type} | {args.batch} | {fwd[0]:.2f} / {fwd[1]:.2f} | "
+                        f"{e2e[0]:.2f} / {e2e[1]:.2f} | {hours[0]:,.0f} h / {hours[1]:,.0f} h |")
+        shards.close()
+    where = f"{platform.machine()}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    print(f"Machine: {where}; torch {torch.__version__}. Each cell: per wall-clock second / per CPU-second of "
+          f"this process. View preparation (HDF5 read + 10 crops/flips + normalise, one process): "
+          f"{prep[0]:.0f} / {prep[1]:.0f} views/s.\n")
+    print("| network | device | batch | network views/s | end-to-end views/s | one UCF-101 split (3,783 x 250 views) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""The paper's test protocol (§4.3), its metrics and the reports of ``asym3d evaluate``.
+
+Protocol: each test video gives ``clips`` (25) 16-frame clips at equal intervals; each clip gives ``crops`` (10)
+112x112 views -- centre and four corners, each also mirrored (flow images mirrored with u negated) -- and the video's
+score is the mean of the 250 views' softmax scores. Sampling, crops and flips come from :mod:`model.clips`, the code
+the trainer uses, so training and test views cannot drift apart.
+
+Memory is bounded whatever the video length: a dataset item is one clip of one video (its ``clip_len`` frames read
+with ``ShardSet.read(index=...)``) expanded into its crop views, so at most ``batch_size`` views and a few clips per
+loader worker are held at a time; scores are accumulated per video as the batches go by.
+
+Metrics per split (video level): top-1, top-5 and mean class accuracy (the mean of per-class recalls, which weighs
+small classes as much as large ones); over splits: the mean and the population standard deviation (ddof=0, so one
+split has spread 0). Reports: a markdown table and JSON, and per split a per-class accuracy CSV, a confusion-matrix
+PNG and ``scores_split{N}.npz`` (video ids, labels, scores, classes) that :mod:`model.fusion` fuses later.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.store import ShardSet, StoreError, VideoEntry
+
+from .checkpoint import build_model_from_checkpoint, load_checkpoint
+from .clips import clip_indices, crop, crop_positions, evenly_spaced_starts, flip_horizontal, to_tensor
+
+CROP_CHOICES = (1, 10)
+METRICS = ("top1", "top5", "mean_class")
+METRIC_TITLES = {"top1": "top-1", "top5": "top-5", "mean_class": "mean class acc."}
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot run: missing checkpoint, shards without the split's test videos, class mismatch."""
+
+
+@dataclass
+class SplitResult:
+    """Per-video scores of one split and where they came from.
+
+    ``scores`` is ``(videos, classes)``: the mean softmax over each video's views. ``views`` counts the views each
+    video's score averages (clips x crops). ``absent`` lists planned videos the shards lack (failed or unfinished):
+    their split membership is not stored, so they are reported, not counted as errors.
+    """
+
+    split: int
+    video_ids: list[str]
+    labels: np.ndarray  # (N,) int64
+    scores: np.ndarray  # (N, K) float32
+    classes: list[str]
+    views: np.ndarray  # (N,) int64
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, model, input, shards or fused runs
+    absent: list[str] = field(default_factory=list)
+    features: np.ndarray | None = None  # (N, D) per-video mean of a layer's activations, when asked for
+
+    def metrics(self) -> dict[str, float]:
+        return video_metrics(self.scores, self.labels)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def video_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1, top-5 (top-K when there are fewer than 5 classes) and mean class accuracy, as fractions in [0, 1].
+
+    Mean class accuracy averages the recall of the classes that have test videos; classes without any are left out
+    rather than counted as 0.
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.ndim != 2 or len(scores) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need scores (N, K) and labels (N,) with N > 0, got {scores.shape} and {labels.shape}")
+    k = min(5, scores.shape[1])
+    # stable sort on -scores: ties resolve to the lower class index, as argmax does
+    topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top1 = topk[:, 0] == labels
+    recalls = [top1[labels == c].mean() for c in np.unique(labels)]
+    return {"top1": float(top1.mean()), "top5": float((topk == labels[:, None]).any(axis=1).mean()),
+            "mean_class": float(np.mean(recalls))}
+
+
+def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K, K)`` counts: row = true class, column = predicted class (argmax of the scores)."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(scores).argmax(axis=1)), 1)
+    return matrix
+
+
+def summarize(results: Sequence[SplitResult]) -> dict[str, Any]:
+    """Per-split metrics and their mean and population std over the splits (the JSON report's body)."""
+    per_split = {}
+    for r in results:
+        per_split[str(r.split)] = {**r.metrics(), "videos": len(r.video_ids),
+                                   "views_per_video": _views_summary(r.views), "absent": len(r.absent),
+                                   "source": r.source}
+    table = np.array([[per_split[str(r.split)][m] for m in METRICS] for r in results])
+    return {"splits": per_split,
+            "mean": dict(zip(METRICS, map(float, table.mean(axis=0)))),
+            "std": dict(zip(METRICS, map(float, table.std(axis=0))))}
+
+
+def _views_summary(views: np.ndarray) -> int | list[int]:
+    uniq = np.unique(views)
+    return int(uniq[0]) if len(uniq) == 1 else [int(u) for u in uniq]
+
+
+def markdown_table(summary: dict[str, Any], title: str = "") -> str:
+    """The report as a markdown table: one row per split, then the mean and the spread (percent)."""
+    header = "| split | videos | views/video | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    lines = [f"**{title}**", ""] if title else []
+    lines += [header, "|" + "---|" * (3 + len(METRICS))]
+    for split, row in summary["splits"].items():
+        cells = " | ".join(f"{100 * row[m]:.2f}" for m in METRICS)
+        lines.append(f"| {split} | {row['videos']} | {row['views_per_video']} | {cells} |")
+    mean = " | ".join(f"{100 * summary['mean'][m]:.2f} ± {100 * summary['std'][m]:.2f}" for m in METRICS)
+    lines.append(f"| mean ± std | | | {mean} |")
+    absent = {s: row["absent"] for s, row in summary["splits"].items() if row["absent"]}
+    if absent:
+        lines += ["", "Videos planned but absent from the shards (failed or unfinished; their split is unknown): "
+                  + ", ".join(f"split {s}: {n}" for s, n in absent.items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- protocol
+
+
+class ClipViews(Dataset):
+    """Item ``i`` = one clip of one video -> ``(video position, views)``, views float ``(V, C, T, S, S)``.
+
+    ``V`` is 1 (centre crop) or 10 (centre + 4 corners, each also mirrored). Pickles without open HDF5 handles
+    (see :class:`ShardSet`), so DataLoader workers each open their own.
+    """
+
+    def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], field_name: str, *, clip_len: int,
+                 num_clips: int, crop_size: int, crops: int, mean: Sequence[float], std: Sequence[float]):
+        if crops not in CROP_CHOICES:
+            raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops}")
+        if num_clips < 1:
+            raise ValueError(f"need at least one clip per video, got {num_clips}")
+        self.shards, self.field_name = shards, field_name
+        self.clip_len, self.crop_size, self.crops = clip_len, crop_size, crops
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.videos = list(videos)
+        self.items: list[tuple[int, int]] = []
+        for position, video in enumerate(self.videos):
+            length = shards.field_length(video, field_name)
+            self.items += [(position, int(s)) for s in evenly_spaced_starts(length, clip_len, num_clips)]
+        schema = shards.schema
+        self.positions = crop_positions(schema.height, schema.width, crop_size)[:1 if crops == 1 else None]
+        self.views_per_clip = len(self.positions) * (2 if crops == 10 else 1)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        position, start = self.items[i]
+        video = self.videos[position]
+        index = clip_indices(self.shards.field_length(video, self.field_name), start, self.clip_len)
+        frames = self.shards.read(video, self.field_name, index=index)
+        views = [crop(frames, top, left, self.crop_size) for top, left in self.positions]
+        if self.crops == 10:
+            views += [flip_horizontal(v, self.field_name) for v in views]
+        # one normalisation pass over all views (C, V*T, S, S): several times cheaper than one call per view
+        tensor = to_tensor(np.concatenate(views), self.mean, self.std)
+        return position, tensor.unflatten(1, (len(views), self.clip_len)).transpose(0, 1)
+
+
+@dataclass
+class VideoScores:
+    """Per-video means over views: softmax ``scores`` (N, K), ``views`` counted (N,), optional ``features`` (N, D)."""
+
+    scores: np.ndarray
+    views: np.ndarray
+    features: np.ndarray | None = None
+
+
+def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, device: str | torch.device = "cpu",
+                 workers: int = 0, progress: bool = True, desc: str = "evaluate",
+                 feature_layer: str | None = None) -> VideoScores:
+    """Mean softmax scores of ``model`` over the views of each video of ``views``.
+
+    Batches hold ``max(1, batch_size // V)`` clips (``V`` views each) and may span videos, so a GPU sees full
+    batches. Runs under ``torch.inference_mode``, with autocast (float16) on CUDA; softmax is taken in float32.
+    ``feature_layer`` (e.g. "fc6") also averages that layer's ReLU output per video, as C3D's "net + linear SVM"
+    protocol uses it.
+    """
+    device = torch.device(device)
+    loader = DataLoader(views, batch_size=max(1, batch_size // views.views_per_clip), shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    model = model.to(device).eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts = torch.zeros(len(views.videos), dtype=torch.int64)
+    captured: list[torch.Tensor] = []
+    hook = None
+    if feature_layer:
+        hook = model.get_submodule(feature_layer).register_forward_hook(
+            lambda module, args, output: captured.append(torch.relu(output.float())))
+    with torch.inference_mode():
+        for positions, batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            n_clips, n_views = batch.shape[:2]
+            batch = batch.flatten(0, 1).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                logits = model(batch)
+            outputs = {"scores": logits.float().softmax(dim=1)}
+            if captured:
+                outputs["features"] = captured.pop()
+            for key, value in outputs.items():
+                per_clip = value.view(n_clips, n_views, -1).sum(dim=1).cpu().double()
+                if key not in sums:
+                    sums[key] = torch.zeros(len(views.videos), per_clip.shape[1], dtype=torch.float64)
+                sums[key].index_add_(0, positions, per_clip)
+            counts.index_add_(0, positions, torch.full_like(positions, n_views))
+    if hook is not None:
+        hook.remove()
+    if not sums:
+        raise EvaluationError("no videos to evaluate")
+    mean = {key: (total / counts.clamp(min=1).unsqueeze(1)).float().numpy() for key, total in sums.items()}
+    return VideoScores(mean["scores"], counts.numpy(), mean.get("features"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | str | Path, split: int, *,
+                   clips: int = 25, crops: int = 10, batch_size: int = 30, device: str | None = None,
+                   workers: int = 0, progress: bool = True, model: nn.Module | None = None,
+                   feature_layer: str | None = None) -> SplitResult:
+    """Scores of one checkpoint on split ``split``'s test videos under the paper's protocol (§4.3).
+
+    ``checkpoint`` is a path or an already loaded checkpoint dict (see :mod:`model.checkpoint`); the input field
+    (rgb/flow/rgbf), clip length, crop size and normalisation come from it, so evaluation sees what training saw.
+    ``model`` may pass the network already built from that checkpoint (e.g. with hooks attached);
+    ``feature_layer`` (e.g. "fc6") also keeps per-video mean features of that layer (see :func:`score_videos`).
+    Raises :class:`EvaluationError` when the checkpoint was trained on another split, or the shards hold none of
+    the split's test videos or other classes.
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(Path(checkpoint))
+    origin = str(checkpoint) if not isinstance(checkpoint, dict) else "(in memory)"
+    shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    config = state.get("config", {})
+    trained_on = config.get("split")
+    if isinstance(trained_on, int) and trained_on != split:
+        raise EvaluationError(f"{origin}: trained on split {trained_on}; testing it on split {split} would score "
+                              "videos it was trained on")
+    modality = config.get("input", "rgb")
+    if modality not in shards.schema.field_names:
+        raise EvaluationError(f"{shards.root}: holds no {modality!r} field for checkpoint {origin} "
+                              f"(it holds: {', '.join(shards.schema.field_names)})")
+    if state.get("classes") and shards.classes and list(state["classes"]) != shards.classes:
+        raise EvaluationError(f"{origin}: trained on other classes than {shards.root} holds "
+                              f"({len(state['classes'])} vs {len(shards.classes)} classes)")
+    videos = shards.split_videos(split, "test")
+    if not videos:
+        raise EvaluationError(f"{shards.root}: none of split {split}'s test videos are in these shards "
+                              f"({len(shards)} videos stored)")
+    clip = state["model_kwargs"]["clip"]
+    views = ClipViews(shards, videos, modality, clip_len=int(config.get("clip_len", clip[0])), num_clips=clips,
+                      crop_size=int(config.get("crop", clip[1])), crops=crops,
+                      mean=state["normalization"]["mean"], std=state["normalization"]["std"])
+    net = model if model is not None else build_model_from_checkpoint(state)
+    scored = score_videos(net, views, batch_size=batch_size, device=device or default_device(), workers=workers,
+                          progress=progress, desc=f"split {split}", feature_layer=feature_layer)
+    return SplitResult(split=split, video_ids=[v.video_id for v in videos],
+                       labels=np.array([v.label for v in videos], np.int64), scores=scored.scores,
+                       classes=list(state.get("classes") or shards.classes), views=scored.views,
+                       features=scored.features,
+                       source={"checkpoint": origin, "model": state.get("model_name"), "input": modality,
+                               "epoch": state.get("epoch"), "shards": str(shards.root)},
+                       absent=absent_videos(shards))
+
+
+def absent_videos(shards: ShardSet) -> list[str]:
+    """Video ids the shards' plan names but that are not stored (failed or not yet written)."""
+    return [vid for ids in shards.plan for vid in ids if vid not in shards]
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+def resolve_checkpoint(run_dir: Path, split: int, choice: str) -> Path:
+    """``best``/``last`` -> ``RUN_DIR/split{N}/{choice}.pt``; anything else is a path. Missing -> EvaluationError."""
+    path = run_dir / f"split{split}" / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no checkpoint for split {split}")
+    return path
+
+
+def evaluate_run(run_dir: Path, splits: Sequence[int], *, checkpoints: Sequence[str] = ("best",),
+                 shard_dir: Path | None = None, out: Path | None = None, clips: int = 25, crops: int = 10,
+                 batch_size: int = 30, device: str | None = None, workers: int = 0, progress: bool = True,
+                 feature_layer: str | None = None) -> dict[str, Any]:
+    """``asym3d evaluate RUN_DIR``: every split's checkpoint on its test list, reports in ``out`` (RUN_DIR/eval).
+
+    ``checkpoints`` is one choice for every split or one per split (``best``, ``last`` or a path). All checkpoints
+    are located before any work starts, so a missing one fails fast. ``shard_dir`` defaults to the shard directory
+    each checkpoint was trained on. Returns the summary (see :func:`summarize`).
+    """
+    if len(checkpoints) not in (1, len(splits)):
+        raise EvaluationError(f"give one checkpoint for all splits or one per split ({len(splits)}), "
+                              f"got {len(checkpoints)}")
+    choices = list(checkpoints) * len(splits) if len(checkpoints) == 1 else list(checkpoints)
+    paths = [resolve_checkpoint(run_dir, s, c) for s, c in zip(splits, choices)]
+    results = []
+    opened: dict[Path, ShardSet] = {}
+    for split, path in zip(splits, paths):
+        state = load_checkpoint(path)
+        root = Path(shard_dir or state.get("config", {}).get("shard_dir", ""))
+        if not root.is_dir():
+            raise EvaluationError(f"{path}: its shard directory {root} does not exist (pass --shards)")
+        if root not in opened:
+            try:
+                opened[root] = ShardSet(root)
+            except StoreError as err:
+                raise EvaluationError(str(err)) from err
+        result = evaluate_split(state, opened[root], split, clips=clips, crops=crops, batch_size=batch_size,
+                                device=device, workers=workers, progress=progress, feature_layer=feature_layer)
+        result.source["checkpoint"] = str(path)
+        results.append(result)
+    for shards in opened.values():
+        shards.close()
+    return write_reports(results, out or run_dir / "eval", title=str(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+
+
+def write_reports(results: Sequence[SplitResult], out: Path, title: str = "") -> dict[str, Any]:
+    """Write ``scores_split{N}.npz``, ``per_class_split{N}.csv``, ``confusion_split{N}.png`` (and
+    ``features_split{N}.npz`` when features were kept), ``results.json`` and ``results.md`` into ``out``.
+
+    Returns the summary (see :func:`summarize`) with the markdown table under "table" and ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        save_scores(r, out / f"scores_split{r.split}.npz")
+        write_per_class_csv(r, out / f"per_class_split{r.split}.csv")
+        plot_confusion(r, out / f"confusion_split{r.split}.png")
+        if r.features is not None:
+            save_features(r, out / f"features_split{r.split}.npz")
+    summary = summarize(results)
+    summary["title"] = title
+    table = markdown_table(summary, title)
+    _atomic_write(out / "results.json", json.dumps(summary, indent=1).encode())
+    _atomic_write(out / "results.md", (table + "\n").encode())
+    return {**summary, "table": table, "out": str(out)}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_npz(result: SplitResult, path: Path, **arrays: np.ndarray) -> None:
+    """``arrays`` plus the video ids, labels, classes and split, as plain arrays (loadable without pickle)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, video_ids=np.array(result.video_ids, dtype=str), labels=result.labels,
+                 classes=np.array(result.classes, dtype=str), split=np.int64(result.split), **arrays)
+    os.replace(tmp, path)
+
+
+def save_scores(result: SplitResult, path: Path) -> None:
+    """Per-video mean softmax scores ``(N, K)`` and view counts, for reports and later fusion."""
+    _save_npz(result, path, scores=result.scores.astype(np.float32), views=result.views)
+
+
+def save_features(result: SplitResult, path: Path) -> None:
+    """Per-video mean features ``(N, D)`` of the layer asked for, for a linear classifier (C3D's net + SVM)."""
+    _save_npz(result, path, features=result.features)
+
+
+def load_scores(path: Path) -> SplitResult:
+    """A ``scores_split{N}.npz`` back as a :class:`SplitResult` (allow_pickle=False: score files stay data)."""
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no saved scores (run asym3d evaluate on that run first)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return SplitResult(split=int(data["split"]), video_ids=[str(v) for v in data["video_ids"]],
+                               labels=data["labels"].astype(np.int64), scores=data["scores"],
+                               classes=[str(c) for c in data["classes"]], views=data["views"],
+                               source={"scores": str(path)})
+    except (KeyError, ValueError, OSError) as err:
+        raise EvaluationError(f"{path}: not a scores file ({err})") from err
+
+
+def write_per_class_csv(result: SplitResult, path: Path) -> None:
+    """One row per class: index, name, test videos, correct (top-1), accuracy (empty when it has no videos)."""
+    predicted = result.scores.argmax(axis=1)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class_index", "class", "videos", "correct", "accuracy"])
+        for c, name in enumerate(result.classes):
+            mine = result.labels == c
+            n, correct = int(mine.sum()), int((predicted[mine] == c).sum())
+            writer.writerow([c, name, n, correct, f"{correct / n:.4f}" if n else ""])
+    os.replace(tmp, path)
+
+
+def plot_confusion(result: SplitResult, path: Path) -> None:
+    """Confusion matrix as a PNG, rows normalised to recall so large and small classes read alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    k = len(result.classes)
+    matrix = confusion_matrix(result.scores, result.labels, k).astype(np.float64)
+    rows = matrix.sum(axis=1, keepdims=True)
+    recall = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    side = min(4 + 0.12 * k, 24)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(recall, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"split {result.split}: top-1 {100 * result.metrics()['top1']:.1f}%")
+    if k <= 30:  # names are unreadable beyond that; indices match the per-class CSV
+        ax.set_xticks(range(k), result.classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), result.classes, fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def parse_splits(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; ValueError on anything else."""
+    try:
+        splits = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"splits must be comma-separated integers, got {text!r}") from None
+    if not splits or len(set(splits)) != len(splits) or min(splits) < 1:
+        raise ValueError(f"splits must be distinct positive integers, got {text!r}")
+    return splits
+

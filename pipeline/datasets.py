@@ -1,0 +1,472 @@
+"""Dataset indexing: turn a video tree plus its split/label files into one list of labelled video records.
+
+Every later stage (decode, flow, shards, training, evaluation) reads a :class:`DatasetIndex`, so this module is the
+only place that knows the on-disk conventions of each dataset. One small parser per layout:
+
+- ``ucf101``: ``<root>/<Class>/v_<Class>_gXX_cYY.avi`` with the official ``classInd.txt``, ``trainlist0N.txt`` and
+  ``testlist0N.txt`` (CRLF line endings are fine). Records are the union of all split lists.
+- ``hmdb51``: ``<root>/<class>/<video>.avi`` with the official ``<class>_test_splitN.txt`` files
+  (``<video>.avi <0|1|2>``: 1 train, 2 test, 0 unused in that split). Records are every video the files name,
+  including the ones unused in all three splits (they keep ``splits == {}``).
+- ``fcvid``: videos plus the user's labels file; categories are filtered by a keep/drop file
+  (``pipeline/data/fcvid_motion_categories.tsv`` by default) and kept ones relabelled ``0..K-1``.
+- ``folder``: any ``<root>/<class>/<video>`` tree, for users' own data and for tests.
+
+Error policy (the CLI repeats it in ``--help``):
+
+- A malformed line, an unknown class or category, a label that contradicts the class list, a path escaping the
+  dataset root, or a video put in both train and test of one split raises :class:`DatasetError` naming
+  ``file:line``. A wrong split file is a user error; failing fast beats training on a silently wrong split.
+- A line naming a video that is missing on disk is skipped with a warning naming ``file:line`` (one warning per
+  video, at its first line; a few missing downloads should not block a run). If more than half of the videos a
+  split names are missing, the root is almost certainly wrong and :class:`DatasetError` is raised instead.
+- ``check_files=False`` skips the disk check, to index split files without the videos.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
+SUBSETS = ("train", "test")
+DEFAULT_FCVID_KEEP_FILE = "fcvid_motion_categories.tsv"
+# A split whose share of missing videos exceeds this points at a wrong --root, not at a few failed downloads.
+MAX_MISSING_FRACTION = 0.5
+
+_UCF_GROUP = re.compile(r"_(g\d+)_c\d+$")
+_SPLIT_LIST = re.compile(r"^(train|test)list(\d+)\.txt$")
+_HMDB_SPLIT = re.compile(r"^(.+)_test_split(\d+)\.txt$")
+_HMDB_SUBSET = {"0": None, "1": "train", "2": "test"}
+
+
+class DatasetError(ValueError):
+    """A dataset, split or label file is unusable; the message names the file (and line) and the reason."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a dataset.
+
+    ``video_id`` is the path relative to the root without its extension (``<class>/<stem>`` for UCF-101, HMDB-51
+    and folder trees); it is unique in the dataset and stable across runs, so shards and manifests key on it.
+    ``splits`` maps split number to ``"train"`` or ``"test"``; a video unused in a split is absent from it.
+    """
+
+    video_id: str
+    path: Path
+    label: int
+    label_name: str
+    group: str | None
+    splits: dict[int, str]
+
+
+@dataclass
+class DatasetIndex:
+    """The indexed dataset: ``classes[label]`` is the class name; ``warnings`` lists skipped lines (``file:line:
+    reason``); ``extra`` carries adapter-specific facts to store with the output (FCVID's relabel mapping)."""
+
+    kind: str
+    root: Path
+    classes: list[str]
+    records: list[VideoRecord]
+    warnings: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def split(self, split: int, subset: str) -> list[VideoRecord]:
+        """The records of one subset (``"train"``/``"test"``) of one split, in index order."""
+        return [r for r in self.records if r.splits.get(split) == subset]
+
+
+# ---------------------------------------------------------------------------------------------------- file helpers
+
+
+def _read_rows(path: Path, delimiter: str | None = None, comments: bool = False) -> Iterator[tuple[str, list[str]]]:
+    """Yield ``("file:line", fields)`` for each non-blank line, fields split on ``delimiter`` (CSV quoting rules)
+    or on whitespace. CRLF and LF both work. ``comments`` skips ``#`` lines; only our own keep file has them
+    (HMDB-51 video names can start with ``#``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or (comments and line.startswith("#")):
+            continue
+        fields = next(csv.reader([line], delimiter=delimiter)) if delimiter else line.split()
+        yield f"{path}:{number}", [f.strip() for f in fields]
+
+
+def _delimiter_for(path: Path) -> str | None:
+    """Users' label files: ``.csv`` is comma-separated, ``.tsv`` tab-separated, anything else whitespace."""
+    return {".csv": ",", ".tsv": "\t"}.get(path.suffix.lower())
+
+
+def _parse_int(text: str, where: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DatasetError(f"{where}: {what} must be an integer, got {text!r}") from None
+
+
+def _resolve_inside(root: Path, relative: str, where: str) -> Path:
+    """Resolve a path read from a split/label file inside ``root`` (itself already resolved); reject absolute
+    paths, ``..`` and symlinks that lead out of it, so an untrusted list cannot make later stages read arbitrary
+    files. ``os.path`` rather than ``pathlib`` because this runs for every line of every split file."""
+    parts = relative.split("/")
+    if relative.startswith("/") or ".." in parts or not relative:
+        raise DatasetError(f"{where}: path {relative!r} must be relative to the dataset root without '..'")
+    resolved = os.path.realpath(os.path.join(root, relative))
+    if not resolved.startswith(os.path.join(root, "")):
+        raise DatasetError(f"{where}: path {relative!r} resolves to {resolved}, outside the dataset root {root}")
+    return Path(resolved)
+
+
+def _class_and_name(relative: str, where: str) -> tuple[str, str]:
+    """Split ``<class>/<video>``, the path form of UCF-101 style split lists."""
+    parts = relative.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise DatasetError(f"{where}: expected '<class>/<video>', got {relative!r}")
+    return parts[0], parts[1]
+
+
+# ------------------------------------------------------------------------------------------------ record collection
+
+
+@dataclass
+class _Entry:
+    path: Path
+    label: int
+    group: str | None
+    splits: dict[int, str] = field(default_factory=dict)
+
+
+class _Collector:
+    """Accumulates split/label lines into records and applies the shared policy: label conflicts and train/test
+    clashes are errors, missing videos are warnings, and a split with mostly missing videos is an error."""
+
+    def __init__(self, kind: str, root: Path, classes: list[str], check_files: bool) -> None:
+        self.kind, self.root, self.classes, self.check_files = kind, root, classes, check_files
+        self.parse_groups = kind in ("ucf101", "folder")  # UCF-101 style names carry the gXX recording group
+        self.entries: dict[str, _Entry] = {}
+        self.warnings: list[str] = []
+        self.named: dict[int, int] = {}  # split -> lines naming a video
+        self.missing: dict[int, int] = {}  # split -> of those, videos missing on disk
+        # relative path -> (resolved path, exists): UCF-101 names every video once per split, and resolving and
+        # stat-ing paths is most of the indexing time
+        self._located: dict[str, tuple[Path, bool]] = {}
+
+    def add(self, where: str, relative: str, label: int, split: int, subset: str | None) -> None:
+        """Record that ``relative`` (class ``label``) is in ``subset`` of ``split`` (None: listed but unused).
+        A missing video is warned about once, at its first line, and counted in every split that names it."""
+        first_mention = relative not in self._located
+        if first_mention:
+            path = _resolve_inside(self.root, relative, where)
+            self._located[relative] = path, (not self.check_files) or path.is_file()
+        path, exists = self._located[relative]
+        self.named[split] = self.named.get(split, 0) + 1
+        if not exists:
+            self.missing[split] = self.missing.get(split, 0) + 1
+            if first_mention:
+                self.warnings.append(f"{where}: video not found, skipped: {path}")
+            return
+        video_id = os.path.splitext(os.path.normpath(relative))[0]  # normpath: "./a/b.mp4" and "a/b.mp4" are one
+        entry = self.entries.get(video_id)
+        if entry is None:
+            match = _UCF_GROUP.search(video_id) if self.parse_groups else None
+            entry = self.entries[video_id] = _Entry(path, label, match.group(1) if match else None)
+        if entry.path != path:
+            raise DatasetError(f"{where}: {relative} and {entry.path.name} would both get the id {video_id!r}")
+        if entry.label != label:
+            raise DatasetError(f"{where}: {relative} has label {self.classes[label]!r} here but "
+                               f"{self.classes[entry.label]!r} on an earlier line")
+        if subset is not None:
+            previous = entry.splits.setdefault(split, subset)
+            if previous != subset:
+                raise DatasetError(f"{where}: {relative} is in both train and test of split {split}")
+
+    def finish(self, sources: str, extra: dict | None = None) -> DatasetIndex:
+        """Check the missing-video share per split and build the index (records sorted by label, then id)."""
+        for split, named in sorted(self.named.items()):
+            missing = self.missing.get(split, 0)
+            if missing > MAX_MISSING_FRACTION * named:
+                raise DatasetError(f"{sources}: {missing} of {named} videos of split {split} are missing under "
+                                   f"{self.root}; is the dataset root right?")
+        if not self.entries:
+            raise DatasetError(f"{sources}: no videos listed")
+        records = [VideoRecord(vid, e.path, e.label, self.classes[e.label], e.group, dict(sorted(e.splits.items())))
+                   for vid, e in sorted(self.entries.items(), key=lambda item: (item[1].label, item[0]))]
+        return DatasetIndex(self.kind, self.root, self.classes, records, self.warnings, extra or {})
+
+
+# ------------------------------------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    root: Path
+    check_files: bool
+    splits_dir: Path | None
+    labels_file: Path | None
+    categories_file: Path | None
+    keep_file: Path | None
+
+
+def _split_lists(splits_dir: Path) -> dict[int, dict[str, Path]]:
+    """Find ``trainlist0N.txt`` / ``testlist0N.txt`` pairs: ``{N: {"train": path, "test": path}}``."""
+    found: dict[int, dict[str, Path]] = {}
+    for path in sorted(splits_dir.iterdir()):
+        if match := _SPLIT_LIST.match(path.name):
+            found.setdefault(int(match.group(2)), {})[match.group(1)] = path
+    if not found:
+        raise DatasetError(f"{splits_dir}: no trainlistNN.txt / testlistNN.txt split files")
+    for split, files in found.items():
+        for subset in SUBSETS:
+            if subset not in files:
+                raise DatasetError(f"{splits_dir}: split {split} has no {subset}list{split:02d}.txt")
+    return found
+
+
+def _collect_split_lists(collector: _Collector, splits_dir: Path) -> DatasetIndex:
+    """Read UCF-101 style lists: ``<class>/<video> [<1-based class index>]``. The class comes from the path; an
+    index column, where present (UCF-101 trainlists), must agree with it."""
+    class_label = {name: label for label, name in enumerate(collector.classes)}
+    for split, files in sorted(_split_lists(splits_dir).items()):
+        for subset in SUBSETS:
+            for where, fields in _read_rows(files[subset]):
+                if len(fields) not in (1, 2):
+                    raise DatasetError(f"{where}: expected '<class>/<video> [<class index>]', got {fields}")
+                class_name, _ = _class_and_name(fields[0], where)
+                if class_name not in class_label:
+                    raise DatasetError(f"{where}: unknown class {class_name!r}")
+                label = class_label[class_name]
+                if len(fields) == 2 and _parse_int(fields[1], where, "class index") != label + 1:
+                    raise DatasetError(f"{where}: class index {fields[1]} disagrees with class {class_name!r} "
+                                       f"(index {label + 1} in the class list)")
+                collector.add(where, fields[0], label, split, subset)
+    return collector.finish(str(splits_dir))
+
+
+def _index_ucf101(inputs: _Inputs) -> DatasetIndex:
+    """UCF-101: classes from ``classInd.txt`` (``<1-based index> <Class>``, indices 1..N in order)."""
+    class_file = inputs.splits_dir / "classInd.txt"
+    classes = []
+    for where, fields in _read_rows(class_file):
+        if len(fields) != 2:
+            raise DatasetError(f"{where}: expected '<index> <class>', got {fields}")
+        if _parse_int(fields[0], where, "class index") != len(classes) + 1:
+            raise DatasetError(f"{where}: class index {fields[0]} out of order, expected {len(classes) + 1}")
+        if fields[1] in classes:
+            raise DatasetError(f"{where}: duplicate class {fields[1]!r}")
+        classes.append(fields[1])
+    collector = _Collector("ucf101", inputs.root, classes, inputs.check_files)
+    return _collect_split_lists(collector, inputs.splits_dir)
+
+
+def _index_hmdb51(inputs: _Inputs) -> DatasetIndex:
+    """HMDB-51: one ``<class>_test_splitN.txt`` per class and split; classes are the file-name classes, sorted.
+    The official files list 6,766 videos; 395 are unused (``0``) in all three splits and keep ``splits == {}``.
+
+    Sorted order is Python's ``sorted()``. TSN's ``class_list.txt`` (not part of the official release) swaps two
+    pairs relative to it (``kick_ball``/``kick`` and ``sword_exercise``/``sword``), so we do not follow it: labels
+    20/21 and 44/45 differ from TSN's, everything else matches.
+    """
+    files: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(inputs.splits_dir.iterdir()):
+        if match := _HMDB_SPLIT.match(path.name):
+            files.setdefault(match.group(1), []).append((int(match.group(2)), path))
+    if not files:
+        raise DatasetError(f"{inputs.splits_dir}: no <class>_test_splitN.txt files")
+    classes = sorted(files)
+    collector = _Collector("hmdb51", inputs.root, classes, inputs.check_files)
+    for label, class_name in enumerate(classes):
+        for split, path in files[class_name]:
+            for where, fields in _read_rows(path):
+                if len(fields) != 2 or fields[1] not in _HMDB_SUBSET or "/" in fields[0]:
+                    raise DatasetError(f"{where}: expected '<video> <0|1|2>', got {fields}")
+                collector.add(where, f"{class_name}/{fields[0]}", label, split, _HMDB_SUBSET[fields[1]])
+    return collector.finish(str(inputs.splits_dir))
+
+
+def _scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """``{class: [video files]}`` for every non-hidden class directory that holds videos, and warnings: skipped
+    directories and non-video files are reported rather than silently ignored."""
+    tree: dict[str, list[Path]] = {}
+    warnings: list[str] = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
+        if len(videos) < len(files):
+            others = sorted({p.suffix or p.name for p in files if p not in videos})
+            warnings.append(f"{class_dir}: ignored {len(files) - len(videos)} non-video files ({', '.join(others)})")
+        if videos:
+            tree[class_dir.name] = videos
+        else:
+            warnings.append(f"{class_dir}: no video files, not a class")
+    if not tree:
+        raise DatasetError(f"{root}: no <class>/<video> files with extensions {', '.join(VIDEO_EXTENSIONS)}")
+    return tree, warnings
+
+
+def _index_folder(inputs: _Inputs) -> DatasetIndex:
+    """Any ``<root>/<class>/<video>`` tree; classes are the sorted directory names that hold videos.
+
+    With ``splits_dir``, UCF-101 style ``trainlist0N.txt`` / ``testlist0N.txt`` with paths relative to the root
+    define the splits (and the records). Without it every video is ``"train"`` in split 1 and there is no test set.
+    """
+    tree, warnings = _scan_folder(inputs.root)
+    collector = _Collector("folder", inputs.root, list(tree), inputs.check_files)
+    collector.warnings.extend(warnings)
+    if inputs.splits_dir is not None:
+        return _collect_split_lists(collector, inputs.splits_dir)
+    for label, videos in enumerate(tree.values()):
+        for video in videos:
+            collector.add(str(video), video.relative_to(inputs.root).as_posix(), label, 1, "train")
+    return collector.finish(str(inputs.root))
+
+
+# ----------------------------------------------------------------------------------------------------------- FCVID
+
+
+@dataclass(frozen=True)
+class FcvidCategory:
+    """One row of the keep/drop file."""
+
+    index: int  # 1-based, in the file's (unofficial, ASCII-sorted) numbering
+    name: str
+    keep: bool
+    reason: str
+
+
+def default_fcvid_keep_file() -> Path:
+    """The keep/drop file shipped with the package (our reading of which categories have obvious human motion)."""
+    return Path(str(resources.files("pipeline") / "data" / DEFAULT_FCVID_KEEP_FILE))
+
+
+def read_fcvid_keep_file(path: Path) -> list[FcvidCategory]:
+    """Parse ``index<TAB>name<TAB>keep|drop<TAB>reason`` rows (after a header row; ``#`` lines are comments)."""
+    rows = _read_rows(path, "\t", comments=True)
+    header = next(rows, (str(path), []))
+    if header[1] != ["index", "name", "decision", "reason"]:
+        raise DatasetError(f"{header[0]}: expected the header 'index<TAB>name<TAB>decision<TAB>reason'")
+    categories: list[FcvidCategory] = []
+    for where, fields in rows:
+        if len(fields) != 4 or fields[2] not in ("keep", "drop"):
+            raise DatasetError(f"{where}: expected 'index<TAB>name<TAB>keep|drop<TAB>reason', got {fields}")
+        index = _parse_int(fields[0], where, "category index")
+        if any(c.index == index or c.name == fields[1] for c in categories):
+            raise DatasetError(f"{where}: duplicate category {index} {fields[1]!r}")
+        categories.append(FcvidCategory(index, fields[1], fields[2] == "keep", fields[3]))
+    return categories
+
+
+def _read_fcvid_categories(path: Path, keep_file: Path, decided: set[str]) -> dict[int, str]:
+    """``<1-based index> <name>`` lines -> ``{index: name}``; every name needs a decision in the keep file."""
+    categories: dict[int, str] = {}
+    for where, fields in _read_rows(path):
+        if len(fields) != 2:
+            raise DatasetError(f"{where}: expected '<index> <category name>', got {fields}")
+        index = _parse_int(fields[0], where, "category index")
+        if index in categories or fields[1] in categories.values():
+            raise DatasetError(f"{where}: duplicate category {index} {fields[1]!r}")
+        if fields[1] not in decided:
+            raise DatasetError(f"{where}: category {fields[1]!r} has no keep/drop decision in {keep_file}; "
+                               f"add it to a copy of that file and pass that as the keep file")
+        categories[index] = fields[1]
+    return categories
+
+
+def _index_fcvid(inputs: _Inputs) -> DatasetIndex:
+    """FCVID: ``<relative video path> <category index or name> [train|test]`` lines (CSV, TSV or whitespace).
+
+    Category indices are those of ``categories_file`` (the release's numbering, which we do not have), so a
+    numeric label without that file is an error; names work without it. Only categories marked ``keep`` in the
+    keep/drop file are indexed; they are relabelled ``0..K-1`` in increasing original index and the mapping is
+    stored in ``extra["relabel"]``. FCVID has one split: the third column, or ``train`` for every video when the
+    file has none. One label per video: a video listed under two kept categories is an error.
+    """
+    keep_file = inputs.keep_file or default_fcvid_keep_file()
+    decisions = {c.name: c for c in read_fcvid_keep_file(keep_file)}
+    if inputs.categories_file is not None:
+        numbering = _read_fcvid_categories(inputs.categories_file, keep_file, set(decisions))
+    else:
+        numbering = {c.index: c.name for c in decisions.values()}
+    kept = sorted(i for i, name in numbering.items() if decisions[name].keep)
+    relabel = {original: new for new, original in enumerate(kept)}
+    by_name = {name: index for index, name in numbering.items()}
+    collector = _Collector("fcvid", inputs.root, [numbering[i] for i in kept], inputs.check_files)
+    dropped_videos, has_subset = 0, None
+    for where, fields in _read_rows(inputs.labels_file, _delimiter_for(inputs.labels_file)):
+        if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in SUBSETS):
+            raise DatasetError(f"{where}: expected '<video path> <category> [train|test]', got {fields}")
+        if has_subset is None:
+            has_subset = len(fields) == 3
+        elif has_subset != (len(fields) == 3):
+            raise DatasetError(f"{where}: some lines give train/test and some do not")
+        if fields[1].isdigit():
+            if inputs.categories_file is None:
+                raise DatasetError(f"{where}: numeric category {fields[1]} needs a categories file "
+                                   f"(--categories-file) to say which category it is")
+            original = int(fields[1])
+        else:
+            original = by_name.get(fields[1], -1)
+        if original not in numbering:
+            raise DatasetError(f"{where}: unknown category {fields[1]!r}")
+        if original not in relabel:
+            dropped_videos += 1
+            continue
+        collector.add(where, fields[0], relabel[original], 1, fields[2] if has_subset else "train")
+    extra = {"relabel": relabel, "keep_file": str(keep_file), "dropped_videos": dropped_videos}
+    return collector.finish(str(inputs.labels_file), extra)
+
+
+# ---------------------------------------------------------------------------------------------------------- entry
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    index: Callable[[_Inputs], DatasetIndex]
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+
+_ADAPTERS: dict[str, _Adapter] = {
+    "ucf101": _Adapter(_index_ucf101, required=("splits_dir",)),
+    "hmdb51": _Adapter(_index_hmdb51, required=("splits_dir",)),
+    "fcvid": _Adapter(_index_fcvid, required=("labels_file",), optional=("categories_file", "keep_file")),
+    "folder": _Adapter(_index_folder, required=(), optional=("splits_dir",)),
+}
+DATASET_KINDS = tuple(_ADAPTERS)
+
+
+def index_dataset(kind: str, root: Path, *, splits_dir: Path | None = None, labels_file: Path | None = None,
+                  categories_file: Path | None = None, keep_file: Path | None = None,
+                  check_files: bool = True) -> DatasetIndex:
+    """Index a dataset of ``kind`` (``ucf101``, ``hmdb51``, ``fcvid``, ``folder``) under ``root``.
+
+    ``splits_dir`` holds the split lists (UCF-101, HMDB-51; optional for folder trees); ``labels_file``,
+    ``categories_file`` and ``keep_file`` are FCVID's (see :func:`_index_fcvid`). An option the kind does not use
+    is an error rather than silently ignored. See the module docstring for the error/warning policy.
+    """
+    if kind not in _ADAPTERS:
+        raise DatasetError(f"unknown dataset kind {kind!r}; choose one of {', '.join(_ADAPTERS)}")
+    adapter = _ADAPTERS[kind]
+    given = {"splits_dir": splits_dir, "labels_file": labels_file, "categories_file": categories_file,
+             "keep_file": keep_file}
+    for name, value in given.items():
+        if value is None and name in adapter.required:
+            raise DatasetError(f"dataset kind {kind!r} needs {name} (--{name.replace('_', '-')})")
+        if value is not None and name not in adapter.required + adapter.optional:
+            raise DatasetError(f"dataset kind {kind!r} does not use {name} (--{name.replace('_', '-')})")
+    if splits_dir is not None and not splits_dir.is_dir():
+        raise DatasetError(f"{splits_dir}: split directory not found")
+    if (check_files or kind == "folder") and not root.is_dir():  # a folder tree is read from disk in any case
+        raise DatasetError(f"{root}: dataset root is not a directory")
+    inputs = _Inputs(root.resolve(), check_files, splits_dir, labels_file, categories_file, keep_file)
+    return adapter.index(inputs)

@@ -1,0 +1,284 @@
+"""Optical-flow backends: one interface over OpenCV's CPU and CUDA TV-L1, the batched torch TV-L1, DIS and Farneback.
+
+The paper's flow is TV-L1 (§3.4). Users differ in what they can run it on: PyPI OpenCV has no CUDA, building it
+with CUDA is the pain point of older tools, and the CPU version is slow (~5 pairs/s at 171x128 on 2 cores). So the
+backend is a choice made once per run, by name:
+
+- ``cpu``: OpenCV contrib's Dual TV-L1 (``cv2.optflow.DualTVL1OpticalFlow``), the reference implementation;
+- ``cuda``: OpenCV's ``cv2.cuda`` Dual TV-L1, only when OpenCV was built with CUDA and sees a device;
+- ``torch``: the same algorithm in batched PyTorch (``pipeline.tvl1_torch``), on a GPU or the CPU;
+- ``auto``: ``cuda`` if usable, else ``torch`` if torch sees a GPU, else ``cpu``;
+- ``dis``, ``farneback``: fast flows that are NOT TV-L1; they are never chosen by ``auto`` and say so in their
+  metadata (``is_tvl1`` False), so shards made with them cannot pass for the paper's input.
+
+Every backend maps ``(T, H, W, 3)`` uint8 RGB frames to ``(T - 1, H, W, 2)`` float32 flow: channel 0 is u
+(horizontal, + right), channel 1 is v (vertical, + down), in pixels at the frames' resolution, from frame t to t+1,
+i.e. ``frame_t[y, x] ~ frame_t+1[y + v, x + u]``. Frames are converted to grey with ``cv2.COLOR_RGB2GRAY`` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.tvl1_torch import TVL1Params, tvl1_flow_frames
+
+__all__ = [
+    "BACKENDS",
+    "FlowBackend",
+    "FlowBackendUnavailable",
+    "TVL1Params",
+    "backend_metadata",
+    "cuda_available",
+    "make_backend",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "cuda", "cpu", "torch", "dis", "farneback")
+
+# Farneback settings: the values of OpenCV's dense optical flow tutorial, a common choice for video at this size.
+_FARNEBACK_SETTINGS = {
+    "pyr_scale": 0.5,
+    "levels": 3,
+    "winsize": 15,
+    "iterations": 3,
+    "poly_n": 5,
+    "poly_sigma": 1.2,
+    "flags": 0,
+}
+
+
+class FlowBackendUnavailable(RuntimeError):
+    """The requested backend cannot run with this OpenCV/torch installation or hardware."""
+
+
+class FlowBackend(Protocol):
+    """Computes flow between consecutive frames; see the module docstring for the conventions.
+
+    name: the backend name (one of BACKENDS except "auto"). is_tvl1: whether the flow is TV-L1 (the paper's).
+    algorithm: "tvl1", "dis" or "farneback". settings: the parameters the algorithm really ran with (stored in shards).
+    device: where it runs ("cpu", "cuda", "cuda:1", ...).
+    """
+
+    name: str
+    is_tvl1: bool
+    algorithm: str
+    settings: dict[str, Any]
+    device: str
+
+    def compute(self, frames: np.ndarray) -> np.ndarray:
+        """(T, H, W, 3) uint8 RGB -> (T - 1, H, W, 2) float32 (u, v)."""
+        ...
+
+
+def cuda_available() -> bool:
+    """True when OpenCV was built with CUDA and sees at least one CUDA device. Never raises.
+
+    PyPI's OpenCV wheels have a ``cv2.cuda`` module whose device count is always 0, so both checks are needed.
+    """
+    try:
+        return cv2.cuda.getCudaEnabledDeviceCount() > 0
+    except (AttributeError, cv2.error):
+        return False
+
+
+def resolve_backend(name: str) -> str:
+    """The concrete backend ``name`` stands for: ``auto`` becomes cuda, torch (with a GPU) or cpu, in that order."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    if cuda_available():
+        return "cuda"
+    if torch.cuda.is_available():
+        return "torch"
+    return "cpu"
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
+    if frames.shape[0] < 2:
+        raise ValueError(f"need at least 2 frames for flow, got {frames.shape[0]}")
+
+
+class _PairwiseOpenCV:
+    """Base for OpenCV backends, which solve one pair at a time: converts to grey once, then calls ``_pair``."""
+
+    name: str
+    is_tvl1: bool
+    algorithm: str
+    settings: dict[str, Any]
+    device = "cpu"
+
+    def compute(self, frames: np.ndarray) -> np.ndarray:
+        _check_frames(frames)
+        gray = [cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY) for frame in frames]
+        out = np.empty((len(gray) - 1, *gray[0].shape, 2), dtype=np.float32)
+        for t in range(len(gray) - 1):
+            out[t] = self._pair(gray[t], gray[t + 1])
+        return out
+
+    def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _opencv_tvl1_create() -> Callable[..., Any]:
+    """OpenCV's Dual TV-L1 factory: in contrib's ``cv2.optflow`` (4.x, and 5.0 here), else in the main module."""
+    for owner in (getattr(cv2, "optflow", None), cv2):
+        create = getattr(owner, "DualTVL1OpticalFlow_create", None)
+        if create is not None:
+            return create
+    raise FlowBackendUnavailable(
+        f"OpenCV {cv2.__version__} has no Dual TV-L1 (neither cv2.optflow.DualTVL1OpticalFlow_create nor "
+        "cv2.DualTVL1OpticalFlow_create); install opencv-contrib-python-headless, or use --backend torch"
+    )
+
+
+class _CpuTVL1(_PairwiseOpenCV):
+    name, is_tvl1, algorithm = "cpu", True, "tvl1"
+
+    def __init__(self, params: TVL1Params) -> None:
+        self.settings = dataclasses.asdict(params)
+        # Positional: the keyword for innerIterations is misspelt ("innnerIterations") in some OpenCV bindings.
+        self._tvl1 = _opencv_tvl1_create()(
+            params.tau,
+            params.lambda_,
+            params.theta,
+            params.nscales,
+            params.warps,
+            params.epsilon,
+            params.innerIterations,
+            params.outerIterations,
+            params.scaleStep,
+            params.gamma,
+            params.medianFiltering,
+            params.useInitialFlow,
+        )
+
+    def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        # OpenCV shrinks the object's nscales for an image too small for the pyramid and keeps it shrunk; restoring it
+        # makes every pair see the configured parameters whatever came before.
+        self._tvl1.setScalesNumber(self.settings["nscales"])
+        return self._tvl1.calc(prev, nxt, None)
+
+
+class _CudaTVL1(_PairwiseOpenCV):
+    """OpenCV's CUDA Dual TV-L1. Its parameters differ from the CPU version's: one ``iterations`` count per warp
+    (we pass innerIterations * outerIterations, 300 by default as on the CPU) and no median filtering."""
+
+    name, is_tvl1, algorithm, device = "cuda", True, "tvl1", "cuda"
+
+    def __init__(self, params: TVL1Params) -> None:
+        self.settings = {
+            "tau": params.tau,
+            "lambda_": params.lambda_,
+            "theta": params.theta,
+            "nscales": params.nscales,
+            "warps": params.warps,
+            "epsilon": params.epsilon,
+            "iterations": params.innerIterations * params.outerIterations,
+            "scaleStep": params.scaleStep,
+            "gamma": params.gamma,
+            "useInitialFlow": params.useInitialFlow,
+        }
+        self._tvl1 = cv2.cuda_OpticalFlowDual_TVL1.create(*self.settings.values())
+        # Device buffers reused for every pair.
+        self._prev, self._next, self._flow = cv2.cuda_GpuMat(), cv2.cuda_GpuMat(), cv2.cuda_GpuMat()
+
+    def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        self._prev.upload(prev)
+        self._next.upload(nxt)
+        self._flow = self._tvl1.calc(self._prev, self._next, self._flow)
+        return self._flow.download()
+
+
+class _Dis(_PairwiseOpenCV):
+    name, is_tvl1, algorithm = "dis", False, "dis"
+
+    def __init__(self) -> None:
+        self.settings = {"preset": "medium"}
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return self._dis.calc(prev, nxt, None)
+
+
+class _Farneback(_PairwiseOpenCV):
+    name, is_tvl1, algorithm = "farneback", False, "farneback"
+
+    def __init__(self) -> None:
+        self.settings = dict(_FARNEBACK_SETTINGS)
+
+    def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return cv2.calcOpticalFlowFarneback(prev, nxt, None, **self.settings)
+
+
+class _TorchTVL1:
+    """Batched TV-L1 in PyTorch; ``batch_size`` pairs are solved at once on ``device``."""
+
+    name, is_tvl1, algorithm = "torch", True, "tvl1"
+
+    def __init__(self, params: TVL1Params, device: str, batch_size: int) -> None:
+        self.settings = dataclasses.asdict(params)
+        self.device = device
+        self.batch_size = batch_size
+        self._params = params
+
+    def compute(self, frames: np.ndarray) -> np.ndarray:
+        return tvl1_flow_frames(frames, self._params, device=self.device, batch_size=self.batch_size)
+
+
+def make_backend(
+    name: str, params: TVL1Params = TVL1Params(), *, device: str | None = None, batch_size: int = 32
+) -> FlowBackend:
+    """Build the flow backend ``name`` (one of BACKENDS; ``auto`` is resolved with :func:`resolve_backend`).
+
+    params: TV-L1 parameters for cpu, cuda and torch (dis and farneback have their own fixed settings).
+    device, batch_size: for the torch backend only (device defaults to "cuda" when torch sees a GPU, else "cpu").
+    Raises ValueError for an unknown name and FlowBackendUnavailable when the backend cannot run here.
+    """
+    resolved = resolve_backend(name)
+    if resolved == "cpu":
+        return _CpuTVL1(params)
+    if resolved == "cuda":
+        if not cuda_available():
+            raise FlowBackendUnavailable(
+                f"the cuda flow backend needs OpenCV built with CUDA and a CUDA device; this OpenCV "
+                f"({cv2.__version__}) reports no CUDA device (PyPI wheels have no CUDA): use --backend torch "
+                "(TV-L1 on a GPU through PyTorch) or --backend cpu"
+            )
+        return _CudaTVL1(params)
+    if resolved == "torch":
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise FlowBackendUnavailable(
+                f"torch {torch.__version__} sees no CUDA device for --device {device}; use --device cpu"
+            )
+        return _TorchTVL1(params, device, batch_size)
+    if resolved == "dis":
+        return _Dis()
+    return _Farneback()
+
+
+def backend_metadata(backend: FlowBackend) -> dict[str, Any]:
+    """What made a flow: backend, algorithm (and whether it is TV-L1), parameters, device and library versions.
+
+    Stored with every shard, so flow from a non-TV-L1 backend, other parameters or another library version is
+    never mistaken for the paper's.
+    """
+    return {
+        "name": backend.name,
+        "algorithm": backend.algorithm,
+        "is_tvl1": backend.is_tvl1,
+        "params": dict(backend.settings),
+        "device": backend.device,
+        "opencv_version": cv2.__version__,
+        "torch_version": torch.__version__,
+    }
