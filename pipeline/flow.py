@@ -127,38 +127,12 @@ class _PairwiseOpenCV:
         raise NotImplementedError
 
 
-def _opencv_tvl1_create() -> Callable[..., Any]:
-    """OpenCV's Dual TV-L1 factory: in contrib's ``cv2.optflow`` (4.x, and 5.0 here), else in the main module."""
-    for owner in (getattr(cv2, "optflow", None), cv2):
-        create = getattr(owner, "DualTVL1OpticalFlow_create", None)
-        if create is not None:
-            return create
-    raise FlowBackendUnavailable(
-        f"OpenCV {cv2.__version__} has no Dual TV-L1 (neither cv2.optflow.DualTVL1OpticalFlow_create nor "
-        "cv2.DualTVL1OpticalFlow_create); install opencv-contrib-python-headless, or use --backend torch"
-    )
-
-
 class _CpuTVL1(_PairwiseOpenCV):
     name, is_tvl1, algorithm = "cpu", True, "tvl1"
 
     def __init__(self, params: TVL1Params) -> None:
         self.settings = dataclasses.asdict(params)
-        # Positional: the keyword for innerIterations is misspelt ("innnerIterations") in some OpenCV bindings.
-        self._tvl1 = _opencv_tvl1_create()(
-            params.tau,
-            params.lambda_,
-            params.theta,
-            params.nscales,
-            params.warps,
-            params.epsilon,
-            params.innerIterations,
-            params.outerIterations,
-            params.scaleStep,
-            params.gamma,
-            params.medianFiltering,
-            params.useInitialFlow,
-        )
+        self._tvl1 = params.to_opencv()
 
     def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         # OpenCV shrinks the object's nscales for an image too small for the pyramid and keeps it shrunk; restoring it

@@ -56,6 +56,7 @@ Differences from OpenCV, and why:
 from __future__ import annotations
 
 import functools
+from typing import Any
 from dataclasses import dataclass
 
 import cv2
@@ -117,23 +118,21 @@ class TVL1Params:
         if self.medianFiltering > 1 and self.medianFiltering % 2 == 0:
             raise ValueError(f"medianFiltering must be odd (or <= 1 to disable), got {self.medianFiltering}")
 
-    def to_opencv(self) -> cv2.optflow.DualTVL1OpticalFlow:
-        """OpenCV's TV-L1 object with these parameters: the reference this module is compared against."""
-        # Positional: OpenCV's Python binding spells the keyword "innnerIterations".
-        return cv2.optflow.DualTVL1OpticalFlow_create(
-            self.tau,
-            self.lambda_,
-            self.theta,
-            self.nscales,
-            self.warps,
-            self.epsilon,
-            self.innerIterations,
-            self.outerIterations,
-            self.scaleStep,
-            self.gamma,
-            self.medianFiltering,
-            self.useInitialFlow,
-        )
+    def to_opencv(self) -> Any:
+        """OpenCV's Dual TV-L1 object with these parameters (the CPU backend, and this module's reference).
+
+        OpenCV keeps it in contrib's ``cv2.optflow`` (4.x, and 5.0 here); some builds have it in ``cv2`` itself.
+        """
+        for owner in (getattr(cv2, "optflow", None), cv2):
+            create = getattr(owner, "DualTVL1OpticalFlow_create", None)
+            if create is not None:
+                # Positional: OpenCV's Python binding spells the keyword "innnerIterations".
+                return create(self.tau, self.lambda_, self.theta, self.nscales, self.warps, self.epsilon,
+                              self.innerIterations, self.outerIterations, self.scaleStep, self.gamma,
+                              self.medianFiltering, self.useInitialFlow)
+        raise RuntimeError(
+            f"OpenCV {cv2.__version__} has no Dual TV-L1 (neither cv2.optflow.DualTVL1OpticalFlow_create nor "
+            "cv2.DualTVL1OpticalFlow_create); install opencv-contrib-python-headless, or use --backend torch")
 
 
 @functools.lru_cache(maxsize=256)
