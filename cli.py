@@ -64,6 +64,26 @@ def _existing_path(**kwargs):
     return click.Path(exists=True, path_type=Path, **kwargs)
 
 
+def _runner_options(func):
+    """--jobs / --scheduler, shared by the preprocessing stages (one runner maps their per-shard function)."""
+    func = click.option("--scheduler", metavar="ADDR",
+                        help="run shards on an existing dask.distributed scheduler (tcp://host:8786) instead; it "
+                             "must be trusted or use tls://; its workers need the input and output directories on "
+                             "a shared filesystem")(func)
+    return click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="shards in parallel on this machine (joblib)")(func)
+
+
+def _check_runner(jobs: int, scheduler: str | None) -> None:
+    if scheduler and jobs != 1:
+        raise click.UsageError("give --jobs or --scheduler, not both")
+
+
+def _echo_failures(failures) -> None:
+    for failure in failures:
+        click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
+
+
 # TV-L1 options: OpenCV's parameter names and defaults, recorded in the output schema.
 _TVL1_OPTIONS = [
     ("--tau", "tau", float, "time step of the numerical scheme"),
@@ -116,10 +136,7 @@ def _tvl1_options(func):
               help="torch backend: frame pairs per batch (bounds GPU memory)")
 @_tvl1_options
 @click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="shards in parallel (joblib)")
-@click.option("--scheduler", metavar="ADDR",
-              help="run shards on an existing dask.distributed scheduler (tcp://host:8786); it must be trusted "
-                   "or use tls://; workers need ROOT and OUT_DIR on a shared filesystem")
+@_runner_options
 @click.option("--retry-failed", is_flag=True, help="retry videos recorded as failed (their shards are rewritten)")
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_file, categories_file, keep_file,
@@ -139,6 +156,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
     from pipeline.store import StoreError
     from pipeline.tvl1_torch import TVL1Params
 
+    _check_runner(jobs, scheduler)
     try:
         index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file,
                               categories_file=categories_file, keep_file=keep_file)
@@ -159,8 +177,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
                f"{summary.shards_skipped}/{summary.shards_total} shards already complete, "
                f"{summary.frames_decoded} frames decoded this run")
-    for failure in summary.failures:
-        click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
+    _echo_failures(summary.failures)
     if summary.failures:
         raise SystemExit(1)
 
@@ -175,10 +192,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
 @click.option("--flow-bound", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
               help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="shards in parallel (joblib)")
-@click.option("--scheduler", metavar="ADDR",
-              help="run shards on an existing dask.distributed scheduler (tcp://host:8786); it must be trusted "
-                   "or use tls://; workers need FLOW_DIR and OUT_DIR on a shared filesystem")
+@_runner_options
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str, jpeg_quality: int,
                    flow_bound: float, jobs: int, scheduler: str | None, overwrite: bool) -> None:
@@ -190,8 +204,7 @@ def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str,
     from pipeline.build_rgbf import BuildConfig, build_rgbf
     from pipeline.store import StoreError
 
-    if scheduler and jobs != 1:
-        raise click.UsageError("give --jobs or --scheduler, not both")
+    _check_runner(jobs, scheduler)
     try:
         cfg = BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
                           jpeg_quality=jpeg_quality, flow_bound=flow_bound)
@@ -201,8 +214,7 @@ def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str,
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {summary.videos_failed} failed, "
                f"{summary.shards_built} shards built, {summary.shards_skipped}/{summary.shards_planned} already "
                f"complete, {summary.frames_built} frames this run")
-    for failure in summary.failures:
-        click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
+    _echo_failures(summary.failures)
     if summary.shards_waiting:
         click.echo(f"{len(summary.shards_waiting)} input shards not written yet by extract-flow "
                    f"({', '.join(summary.shards_waiting[:5])}...); rerun build-rgbf when it has finished", err=True)

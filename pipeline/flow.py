@@ -19,7 +19,7 @@ i.e. ``frame_t[y, x] ~ frame_t+1[y + v, x + u]``. Frames are converted to grey w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
