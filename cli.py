@@ -249,7 +249,8 @@ def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Pa
 @main.command("make-demo-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--classes", type=click.IntRange(2, 10), default=6, show_default=True,
-              help="the first K of: translate right/left/up/down, rotate cw/ccw, zoom in/out, oscillate, static")
+              help="the first K of: translate up/down, static, oscillate, zoom in/out (these survive the "
+                   "paper's flip augmentation), translate right/left, rotate cw/ccw (mirror pairs)")
 @click.option("--videos-per-class", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--groups", type=click.IntRange(3, 99), default=6, show_default=True,
               help="scenes gXX; split N tests the N-th third of them (at most --videos-per-class)")
@@ -294,6 +295,8 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
               help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+              help="dropout rate after fc6 and fc7 [default: 0.5, the paper's]")
 @click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
 @click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
@@ -301,8 +304,8 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
               help="largest fraction of planned videos that may be absent from the shards")
 def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
-              clip: tuple[int, int, int], batch_norm: bool, init: Path | None, resume: bool, compile_: bool,
-              max_missing: float) -> None:
+              clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, init: Path | None, resume: bool,
+              compile_: bool, max_missing: float) -> None:
     """Train a network on SHARD_DIR (build-rgbf output); checkpoints, metrics.csv and curves.png go to --out.
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
@@ -319,7 +322,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
         cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
                           input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                           workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
-                          batch_norm=batch_norm, init=str(init) if init else None, resume=resume,
+                          batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
                           compile=compile_, max_missing=max_missing)
         results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
     except (TrainError, DataError, StoreError, CheckpointError, ValueError) as err:

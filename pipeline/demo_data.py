@@ -6,9 +6,9 @@ CNN -- on data anyone can regenerate. So the classes are built to be separable *
 
 - every video shows a smooth-noise background (one per group ``gXX``, the "scene", shared by all classes), 1-3
   random textured polygons, a small random camera jitter and per-frame pixel noise;
-- the classes differ only in how the objects move (:data:`MOTIONS`): translation right/left/up/down (wrapping around
-  the frame, so the direction stays constant and objects stay visible), rotation clockwise/counter-clockwise, zoom
-  in/out (the size wraps around its range, like the translations' positions), oscillation, or none;
+- the classes differ only in how the objects move (:data:`MOTIONS`): translation up/down/right/left (wrapping around
+  the frame, so the direction stays constant and objects stay visible), zoom in/out (the size wraps around its
+  range, like the translations' positions), oscillation, none, or rotation clockwise/counter-clockwise;
 - every random draw that shapes a single frame (object position, angle, size, colour, texture) has the same
   distribution in every class: positions live on a torus, angles and log-sizes on circles, and each motion is a
   shift along one of them, so the frame at any time t is statistically identical across classes. A network must use
@@ -57,31 +57,33 @@ __all__ = [
     "render_video",
 ]
 
-# The motions, in the order `classes=K` takes them. Class names are CamelCase without "_" or "-" because UCF-101
-# file names `v_<Class>_gXX_cYY` are split on "_".
+# The motions, in the order `classes=K` takes them. The first six look like themselves in a mirror; the last four
+# are two mirror pairs (right/left, cw/ccw). The paper's horizontal-flip augmentation (and its mirrored test crops)
+# turns one of a mirror pair into the other, so those pairs come last: up to K=6 every class stays learnable.
+# Class names are CamelCase without "_" or "-" because UCF-101 file names `v_<Class>_gXX_cYY` are split on "_".
 MOTIONS: tuple[str, ...] = (
-    "translate-right",
-    "translate-left",
     "translate-up",
     "translate-down",
-    "rotate-cw",
-    "rotate-ccw",
+    "static",
+    "oscillate",
     "zoom-in",
     "zoom-out",
-    "oscillate",
-    "static",
+    "translate-right",
+    "translate-left",
+    "rotate-cw",
+    "rotate-ccw",
 )
 CLASS_NAMES: tuple[str, ...] = (
-    "TranslateRight",
-    "TranslateLeft",
     "TranslateUp",
     "TranslateDown",
-    "RotateCW",
-    "RotateCCW",
+    "Static",
+    "Oscillate",
     "ZoomIn",
     "ZoomOut",
-    "Oscillate",
-    "Static",
+    "TranslateRight",
+    "TranslateLeft",
+    "RotateCW",
+    "RotateCCW",
 )
 NUM_SPLITS = 3
 MAX_FRAMES = 3000  # a cap on memory: one video's frames are held in RAM before encoding
@@ -389,7 +391,7 @@ def make_demo_dataset(
         raise DemoDataError(f"fps must be positive, got {fps}")
     plan = plan_videos(classes, videos_per_class, groups)
     params: dict[str, object] = dict(classes=classes, videos_per_class=videos_per_class, groups=groups,
-                                     frames=frames, height=height, width=width, fps=fps, seed=seed, version=1)
+                                     frames=frames, height=height, width=width, fps=fps, seed=seed, version=3)
     _check_output_dir(out, params)
 
     video_root, split_dir = out / "videos", out / "splits"

@@ -25,7 +25,7 @@ from pipeline.demo_data import (
     render_video,
 )
 
-# Tiny: 3 classes (translate right, left, up) x 4 videos x 8 frames at 64x80, one video per class and group.
+# Tiny: 3 classes (translate up, translate down, static) x 4 videos x 8 frames at 64x80, one video per class and group.
 SMALL = dict(classes=3, videos_per_class=4, groups=4, frames=8, height=64, width=80, seed=3)
 NAME = re.compile(r"^(\w+)/v_(\w+)_g(\d\d)_c(\d\d)\.avi$")
 
@@ -48,7 +48,7 @@ def _decoded(demo: DemoSummary, relpath: str) -> np.ndarray:
 def test_every_video_is_a_real_file_of_the_right_length(demo: DemoSummary) -> None:
     plan = plan_videos(SMALL["classes"], SMALL["videos_per_class"], SMALL["groups"])
     assert demo.num_videos == demo.encoded == len(plan) == 12
-    assert demo.class_names == ("TranslateRight", "TranslateLeft", "TranslateUp")
+    assert demo.class_names == ("TranslateUp", "TranslateDown", "Static")
     on_disk = sorted(p.relative_to(demo.video_root).as_posix() for p in demo.video_root.rglob("*") if p.is_file())
     assert on_disk == sorted(v.relpath for v in plan)  # and no leftover temporary files
     for spec in plan:
@@ -59,7 +59,7 @@ def test_every_video_is_a_real_file_of_the_right_length(demo: DemoSummary) -> No
 
 def test_split_lists_follow_ucf101_and_never_share_a_group(demo: DemoSummary) -> None:
     classes = {int(n): name for n, name in (line.split() for line in _lines(demo.class_index))}
-    assert classes == {1: "TranslateRight", 2: "TranslateLeft", 3: "TranslateUp"}
+    assert classes == {1: "TranslateUp", 2: "TranslateDown", 3: "Static"}
     all_videos = {v.relpath for v in plan_videos(SMALL["classes"], SMALL["videos_per_class"], SMALL["groups"])}
     tested_groups: list[int] = []
     for split, (train_list, test_list) in enumerate(zip(demo.train_lists, demo.test_lists), start=1):
@@ -142,7 +142,7 @@ def test_a_single_frame_does_not_tell_the_class_but_motion_does(demo: DemoSummar
     assert np.ptp(class_means) < 0.5 * within, (class_means, within)
     # ... while the direction of motion gives the class: over each class's videos together, and for most single
     # videos (one whose only object is small or half outside the frame can lose to camera jitter and noise).
-    directions = {"TranslateRight": (1, 0), "TranslateLeft": (-1, 0), "TranslateUp": (0, -1)}
+    directions = {"TranslateUp": (0, -1), "TranslateDown": (0, 1)}
     for name, (ux, uy) in directions.items():
         along, across = _along_across(_dominant_motion(videos[name]), ux, uy)
         assert along > 0 and across == 0, (name, along, across)
@@ -227,7 +227,7 @@ def test_cli_make_demo_data(tmp_path: Path) -> None:
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "6 videos (6 encoded now), 2 classes" in result.output
-    frames = decode_video(tmp_path / "demo/videos/TranslateLeft/v_TranslateLeft_g03_c01.avi",
+    frames = decode_video(tmp_path / "demo/videos/TranslateDown/v_TranslateDown_g03_c01.avi",
                           DecodeConfig(height=32, width=40))
     assert frames.shape == (3, 32, 40, 3)
     assert "(0 encoded now)" in runner.invoke(main, args).output
