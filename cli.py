@@ -101,7 +101,7 @@ _TVL1_OPTIONS = [
 
 
 def _tvl1_options(func):
-    from pipeline.tvl1_torch import TVL1Params
+    from pipeline.tvl1_params import TVL1Params
 
     defaults = TVL1Params()
     for flag, name, kind, text in reversed(_TVL1_OPTIONS):
@@ -154,7 +154,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
     from pipeline.extract import ExtractConfig, extract_flow
     from pipeline.flow import resolve_backend
     from pipeline.store import StoreError
-    from pipeline.tvl1_torch import TVL1Params
+    from pipeline.tvl1_params import TVL1Params
 
     _check_runner(jobs, scheduler)
     try:

@@ -20,7 +20,7 @@ from pipeline.flow import backend_metadata, make_backend, resolve_backend
 from pipeline.runner import run_tasks
 from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
                             prepare_output, shard_name, write_manifest)
-from pipeline.tvl1_torch import TVL1Params
+from pipeline.tvl1_params import TVL1Params
 
 # Flow is stored as int16 hundredths of a pixel with gzip: |error| <= 0.005 px per component (<= 0.0071 px in
 # magnitude), range +-327 px, 0.18x the bytes of float32 where float16 gives 0.46x at best; TV-L1 runs at a few

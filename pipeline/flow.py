@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.tvl1_torch import TVL1Params, tvl1_flow_frames
+from pipeline.tvl1_params import TVL1Params
+from pipeline.tvl1_torch import tvl1_flow_frames
 
 __all__ = [
     "BACKENDS",

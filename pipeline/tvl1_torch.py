@@ -56,83 +56,18 @@ Differences from OpenCV, and why:
 from __future__ import annotations
 
 import functools
-from typing import Any
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.tvl1_params import TVL1Params
+
 __all__ = ["TVL1Params", "known_flow_pair", "tvl1_flow_frames", "tvl1_flow_torch"]
 
 # OpenCV stops building the pyramid at the first level with a side shorter than this (tvl1flow.cpp).
 _MIN_PYRAMID_SIDE = 16
-
-
-@dataclass(frozen=True)
-class TVL1Params:
-    """TV-L1 parameters: the names and defaults of ``cv2.optflow.DualTVL1OpticalFlow_create`` (OpenCV 5.0 contrib).
-
-    tau: time step of the dual (numerical) scheme; stable for tau <= 0.25.
-    lambda_: weight of the data term (OpenCV's ``lambda``); smaller means smoother flow.
-    theta: coupling between the data and regularisation halves of the energy.
-    nscales: pyramid levels (fewer if a level would be under 16 pixels on a side).
-    warps: re-linearisations of I1 around the current flow per scale.
-    epsilon: stopping threshold: mean squared flow update (per pixel) below epsilon**2.
-    innerIterations, outerIterations: iteration caps per warp; the median filter runs once per outer iteration.
-    scaleStep: size ratio between consecutive pyramid levels.
-    gamma: weight of the illumination-change term (0 disables it).
-    medianFiltering: side of the median filter applied to the flow (<= 1 disables it).
-    useInitialFlow: OpenCV's flag to start from a given flow; not supported here (must be False).
-    """
-
-    tau: float = 0.25
-    lambda_: float = 0.15
-    theta: float = 0.3
-    nscales: int = 5
-    warps: int = 5
-    epsilon: float = 0.01
-    innerIterations: int = 30
-    outerIterations: int = 10
-    scaleStep: float = 0.8
-    gamma: float = 0.0
-    medianFiltering: int = 5
-    useInitialFlow: bool = False
-
-    def __post_init__(self) -> None:
-        if self.useInitialFlow:
-            raise ValueError("useInitialFlow=True is not supported by the torch TV-L1 (it takes no initial flow)")
-        if self.nscales < 1 or self.warps < 1 or self.innerIterations < 1 or self.outerIterations < 1:
-            raise ValueError(
-                "nscales, warps, innerIterations and outerIterations must be >= 1, got "
-                f"{self.nscales}, {self.warps}, {self.innerIterations}, {self.outerIterations}"
-            )
-        if not 0.0 < self.scaleStep < 1.0:
-            raise ValueError(f"scaleStep must be in (0, 1), got {self.scaleStep}")
-        if self.tau <= 0 or self.theta <= 0 or self.lambda_ <= 0 or self.epsilon < 0:
-            raise ValueError(
-                f"tau, theta, lambda_ must be > 0 and epsilon >= 0, got {self.tau}, {self.theta}, "
-                f"{self.lambda_}, {self.epsilon}"
-            )
-        if self.medianFiltering > 1 and self.medianFiltering % 2 == 0:
-            raise ValueError(f"medianFiltering must be odd (or <= 1 to disable), got {self.medianFiltering}")
-
-    def to_opencv(self) -> Any:
-        """OpenCV's Dual TV-L1 object with these parameters (the CPU backend, and this module's reference).
-
-        OpenCV keeps it in contrib's ``cv2.optflow`` (4.x, and 5.0 here); some builds have it in ``cv2`` itself.
-        """
-        for owner in (getattr(cv2, "optflow", None), cv2):
-            create = getattr(owner, "DualTVL1OpticalFlow_create", None)
-            if create is not None:
-                # Positional: OpenCV's Python binding spells the keyword "innnerIterations".
-                return create(self.tau, self.lambda_, self.theta, self.nscales, self.warps, self.epsilon,
-                              self.innerIterations, self.outerIterations, self.scaleStep, self.gamma,
-                              self.medianFiltering, self.useInitialFlow)
-        raise RuntimeError(
-            f"OpenCV {cv2.__version__} has no Dual TV-L1 (neither cv2.optflow.DualTVL1OpticalFlow_create nor "
-            "cv2.DualTVL1OpticalFlow_create); install opencv-contrib-python-headless, or use --backend torch")
 
 
 @functools.lru_cache(maxsize=256)
