@@ -86,7 +86,6 @@ def process_shard(task: ShardTask) -> ShardResult:
                 return _existing_result(task.index, f)
             keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
     backend = make_backend(task.cfg.backend, task.cfg.tvl1, device=task.cfg.device, batch_size=task.cfg.batch_size)
-    failures: list[dict[str, str]] = []
     ok = frames_done = 0
     source = h5py.File(path, "r") if keep else None
     try:
@@ -103,7 +102,6 @@ def process_shard(task: ShardTask) -> ShardResult:
                     flow = backend.compute(frames)
                 except DecodeError as err:
                     writer.add_failure(record.video_id, str(record.path), str(err))
-                    failures.append({"video_id": record.video_id, "path": str(record.path), "reason": str(err)})
                     continue
                 writer.add_video(VideoMeta(record.video_id, record.label, record.label_name, str(record.path),
                                            dict(record.splits)), {"rgb": frames, "flow": flow})
@@ -112,7 +110,7 @@ def process_shard(task: ShardTask) -> ShardResult:
     finally:
         if source is not None:
             source.close()
-    return ShardResult(task.index, ok, tuple(failures), frames_done, skipped=False)
+    return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False)
 
 
 def _existing_result(index: int, f: h5py.File) -> ShardResult:

@@ -235,6 +235,11 @@ class ShardWriter:
     def add_failure(self, video_id: str, source: str, reason: str) -> None:
         self._failures.append({"video_id": video_id, "path": source, "reason": reason})
 
+    @property
+    def failures(self) -> tuple[dict[str, str], ...]:
+        """The failures recorded so far, as they will be stored in the shard."""
+        return tuple(self._failures)
+
     def copy_video(self, source: h5py.File, key: str) -> None:
         """Copy a finished video from an earlier shard of the same schema byte for byte (no recomputation)."""
         source.copy(source["videos"][key], self._videos, name=f"{len(self._videos):04d}")
