@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.tvl1_params import TVL1Params
-from pipeline.tvl1_torch import tvl1_flow_frames
+from pipeline.tvl1_torch import rgb_to_gray, tvl1_flow_frames
 
 __all__ = [
     "BACKENDS",
@@ -118,8 +118,8 @@ class _PairwiseOpenCV:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         _check_frames(frames)
-        gray = [cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY) for frame in frames]
-        out = np.empty((len(gray) - 1, *gray[0].shape, 2), dtype=np.float32)
+        gray = rgb_to_gray(frames)
+        out = np.empty((len(gray) - 1, *gray.shape[1:], 2), dtype=np.float32)
         for t in range(len(gray) - 1):
             out[t] = self._pair(gray[t], gray[t + 1])
         return out

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from pipeline.tvl1_params import TVL1Params
 
-__all__ = ["TVL1Params", "known_flow_pair", "tvl1_flow_frames", "tvl1_flow_torch"]
+__all__ = ["TVL1Params", "known_flow_pair", "rgb_to_gray", "tvl1_flow_frames", "tvl1_flow_torch"]
 
 # OpenCV stops building the pyramid at the first level with a side shorter than this (tvl1flow.cpp).
 _MIN_PYRAMID_SIDE = 16
@@ -328,7 +328,7 @@ def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params =
     return u[:, :2].contiguous()
 
 
-def _to_gray(frames: np.ndarray) -> np.ndarray:
+def rgb_to_gray(frames: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) uint8 RGB -> (T, H, W) uint8 with ``cv2.COLOR_RGB2GRAY`` (one call for all frames)."""
     t, h, w, _ = frames.shape
     return cv2.cvtColor(np.ascontiguousarray(frames).reshape(t * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(t, h, w)
@@ -352,7 +352,7 @@ def tvl1_flow_frames(
         raise ValueError(f"need at least 2 frames for flow, got {frames.shape[0]}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    gray = torch.from_numpy(_to_gray(frames))
+    gray = torch.from_numpy(rgb_to_gray(frames))
     n_pairs = gray.shape[0] - 1
     out = np.empty((n_pairs, *gray.shape[1:], 2), dtype=np.float32)
     for start in range(0, n_pairs, batch_size):
