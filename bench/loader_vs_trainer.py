@@ -56,26 +56,29 @@ def write_shards(root: Path, n_videos: int, frames: int) -> Path:
 
 
 def loader_rate(root: Path, workers: int, batches: int) -> float:
-    """Clips/s of the training DataLoader with ``workers`` processes, after its first batch."""
+    """Clips/s of the training DataLoader with ``workers`` processes, after its first batch.
+
+    The keys of as many epochs as the timed batches need go through one loader: with a small bench set, restarting
+    the loader every epoch would time the workers' pipeline refilling at each epoch boundary, not the loader.
+    """
     shards = open_training_shards(root, "rgb")
     videos = split_videos(shards, 1, "rgb", 0.0).train
     mean, std = channel_statistics(shards, videos, "rgb")
     shards.close()
     data = TrainClips(shards, videos, "rgb", 16, 112, mean, std, seed=0)
-    sampler = EpochSampler(len(data), seed=0)
-    loader = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
-    seen, start, epoch = 0, 0.0, 0
-    while True:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if start == 0.0:
-                start = time.perf_counter()  # from the end of the first batch: worker start-up excluded
-                continue
-            seen += len(batch["label"])
-            if seen >= batches * BATCH:
-                return seen / (time.perf_counter() - start)
-        epoch += 1
+    sampler, keys = EpochSampler(len(data), seed=0), []
+    while len(keys) < (batches + 1) * BATCH:
+        sampler.set_epoch(len(keys) // len(data))
+        keys += list(sampler)
+    loader = DataLoader(data, batch_size=BATCH, sampler=keys[:(batches + 1) * BATCH], num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
+    seen, start = 0, 0.0
+    for batch in loader:
+        if start == 0.0:
+            start = time.perf_counter()  # from the end of the first batch: worker start-up excluded
+            continue
+        seen += len(batch["label"])
+    return seen / (time.perf_counter() - start)
 
 
 def trainer_rate(name: str, clip: tuple[int, int, int], steps: int, device: torch.device) -> float:
