@@ -66,6 +66,10 @@ from pipeline.tvl1_params import TVL1Params
 
 __all__ = ["TVL1Params", "known_flow_pair", "rgb_to_gray", "tvl1_flow_frames", "tvl1_flow_torch"]
 
+# How the iterations of a batch run. "eager": stopped pairs leave the batch (least arithmetic; one host read per
+# inner iteration): the reference. "fused": a fixed batch where stopped pairs are frozen by a mask, stopping flags
+# read every few iterations. "compiled": "fused" through torch.compile, each iteration a few fused kernels.
+SOLVERS = ("eager", "fused", "compiled")
 # OpenCV stops building the pyramid at the first level with a side shorter than this (tvl1flow.cpp).
 _MIN_PYRAMID_SIDE = 16
 
@@ -176,13 +180,18 @@ def _median_network(n: int) -> tuple[tuple[int, int, bool, bool], ...]:
     return tuple(reversed(steps))
 
 
-def _median_filter(u: torch.Tensor, ksize: int) -> torch.Tensor:
-    """``cv::medianBlur`` (replicated border) of each (H, W) plane of (B, C, H, W): exact median of ksize**2 values."""
+def _median_filter(u: torch.Tensor, ksize: int,
+                   network: tuple[tuple[int, int, bool, bool], ...] | None = None) -> torch.Tensor:
+    """``cv::medianBlur`` (replicated border) of each (H, W) plane of (B, C, H, W): exact median of ksize**2 values.
+
+    ``network`` is ``_median_network(ksize**2)``, which a compiled caller passes in (torch.compile should not trace
+    the cached network's construction).
+    """
     height, width = u.shape[-2:]
     half = ksize // 2
     padded = F.pad(u, (half, half, half, half), mode="replicate")
     wires = [padded[..., dy : dy + height, dx : dx + width] for dy in range(ksize) for dx in range(ksize)]
-    for i, j, keep_min, keep_max in _median_network(ksize * ksize):
+    for i, j, keep_min, keep_max in network or _median_network(ksize * ksize):
         low = torch.minimum(wires[i], wires[j]) if keep_min else None
         if keep_max:
             wires[j] = torch.maximum(wires[i], wires[j])
@@ -290,14 +299,123 @@ def _solve_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TV
     return u
 
 
-def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params = TVL1Params()) -> torch.Tensor:
+def _masked_step(u: torch.Tensor, px: torch.Tensor, py: torch.Tensor, step_dir: torch.Tensor, rho_c: torch.Tensor,
+                 grad: torch.Tensor, live: torch.Tensor, l_t: float, taut: float, theta: float,
+                 scaled_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One inner iteration of every sample whose ``live`` flag is set; the others keep u, px and py unchanged.
+
+    The same arithmetic as :func:`_iterate`, written without in-place ops and without leaving the device, so that
+    ``torch.compile`` fuses it into a few kernels and the batch keeps one shape. Returns (u, px, py, live) with
+    ``live`` cleared for samples whose update met the stopping rule in this iteration: OpenCV applies that last
+    update and then stops, and so does this.
+    """
+    rho = rho_c + (step_dir * u).sum(dim=1)
+    fi = torch.nan_to_num(torch.clamp(-rho / grad, -l_t, l_t), nan=0.0)
+    u_new = u + fi[:, None] * step_dir + theta * _divergence_pure(px, py)
+    error = ((u_new - u) ** 2).sum(dim=(1, 2, 3))
+    ux = F.pad(u_new[..., :, 1:] - u_new[..., :, :-1], (0, 1))
+    uy = F.pad(u_new[..., 1:, :] - u_new[..., :-1, :], (0, 0, 0, 1))
+    norm = torch.sqrt(ux * ux + uy * uy) * taut + 1.0
+    keep = live[:, None, None, None]
+    u = torch.where(keep, u_new, u)
+    px = torch.where(keep, (px + taut * ux) / norm, px)
+    py = torch.where(keep, (py + taut * uy) / norm, py)
+    return u, px, py, live & (error > scaled_epsilon)
+
+
+def _divergence_pure(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """:func:`_divergence` without in-place writes (what torch.compile fuses best): backward differences, 0 outside."""
+    return px - F.pad(px[..., :, :-1], (1, 0)) + py - F.pad(py[..., :-1, :], (0, 0, 1, 0))
+
+
+def _masked_median(u: torch.Tensor, live: torch.Tensor, ksize: int,
+                   network: tuple[tuple[int, int, bool, bool], ...]) -> torch.Tensor:
+    """The outer iteration's median filter of (u1, u2), applied to live samples only (u3 is never filtered)."""
+    filtered = torch.cat((_median_filter(u[:, :2], ksize, network), u[:, 2:]), dim=1)
+    return torch.where(live[:, None, None, None], filtered, u)
+
+
+class _Steps:
+    """The two per-iteration functions of the fused solver, eager or compiled once per process."""
+
+    def __init__(self, compiled: bool):
+        self.step, self.median = _masked_step, _masked_median
+        if compiled:
+            # dynamic: one graph serves every pyramid level and batch size instead of one compilation per shape
+            self.step = torch.compile(_masked_step, dynamic=True)
+            self.median = torch.compile(_masked_median, dynamic=True)
+
+
+@functools.lru_cache(maxsize=2)
+def _steps(compiled: bool) -> _Steps:
+    return _Steps(compiled)
+
+
+def _solve_scale_fused(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TVL1Params, steps: _Steps,
+                       check_every: int) -> torch.Tensor:
+    """:func:`_solve_scale` with the stopping flags kept on the device and read every ``check_every`` iterations.
+
+    A sample that meets the stopping rule is frozen by a mask inside the step (it does not move), so it stops after
+    exactly OpenCV's number of iterations however late the host notices; at each read, frozen samples are written
+    back and leave the working batch, so finished pairs cost at most ``check_every`` frozen iterations. On a GPU this
+    replaces one host synchronisation per iteration by one per ``check_every``; ``check_every=1`` is the reference's
+    schedule.
+    """
+    batch, _, height, width = u.shape
+    scaled_epsilon = float(np.float32(params.epsilon * params.epsilon * height * width))
+    l_t, taut = params.lambda_ * params.theta, params.tau / params.theta
+    network = _median_network(params.medianFiltering ** 2)
+    i1x, i1y = _centred_gradient(i1)
+    i1_stack = torch.stack((i1, i1x, i1y), dim=1)
+    u = u.clone()
+    px = torch.zeros_like(u)
+    py = torch.zeros_like(u)
+    for _ in range(params.warps):
+        warped = _warp_bicubic(i1_stack, u[:, :2])
+        i1w, i1wx, i1wy = warped[:, 0], warped[:, 1], warped[:, 2]
+        grad = i1wx * i1wx + i1wy * i1wy
+        rho_c = i1w - i1wx * u[:, 0] - i1wy * u[:, 1] - i0
+        step_dir = torch.cat((warped[:, 1:], torch.full_like(u[:, 2:], params.gamma)), dim=1)
+        rows = torch.arange(batch, device=u.device)  # the working batch's samples in the full batch
+        live = torch.ones(batch, dtype=torch.bool, device=u.device)
+        work = [u, px, py, step_dir, rho_c, grad]
+        for _outer in range(params.outerIterations):
+            if params.medianFiltering > 1:
+                work[0] = steps.median(work[0], live, params.medianFiltering, network)
+            for inner in range(params.innerIterations):
+                work[0], work[1], work[2], live = steps.step(*work, live, l_t, taut, params.theta, scaled_epsilon)
+                if (inner + 1) % check_every and inner + 1 < params.innerIterations:
+                    continue
+                if bool(live.all()):
+                    continue
+                stopped = ~live
+                for full, part in zip((u, px, py), work):
+                    full[rows[stopped]] = part[stopped]
+                rows, work, live = rows[live], [t[live] for t in work], live[live]
+                if rows.numel() == 0:
+                    break
+            if rows.numel() == 0:
+                break
+        for full, part in zip((u, px, py), work):
+            full[rows] = part
+    return u
+
+
+def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params = TVL1Params(), *,
+                    solver: str = "eager", check_every: int | None = None) -> torch.Tensor:
     """Dual TV-L1 optical flow from ``prev`` to ``next`` for a batch of grayscale pairs, as OpenCV computes it.
 
     prev, next: (B, H, W) float32 grey levels in [0, 255] (OpenCV's 8-bit input converted to float), on any device.
     Returns (B, 2, H, W) float32 on the same device: channel 0 is u (horizontal, + right), channel 1 is v (vertical,
     + down), in pixels, such that ``prev[y, x] ~ next[y + v, x + u]``. See the module docstring for the algorithm and
     the documented differences from OpenCV.
+
+    solver: see :data:`SOLVERS`. check_every: for the fused solvers, inner iterations between two reads of the
+    stopping flags; results do not depend on it, only how many frozen iterations finished pairs cost (default 1 on
+    the CPU, where a read is free, and 10 on a GPU, where each read waits for the device).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
     if prev.ndim != 3 or prev.shape != next.shape:
         raise ValueError(f"prev and next must both be (B, H, W), got {tuple(prev.shape)} and {tuple(next.shape)}")
     if prev.shape[1] < 3 or prev.shape[2] < 3:
@@ -318,7 +436,11 @@ def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params =
     u = prev.new_zeros(batch, channels, *sizes[-1])
     for level in range(len(sizes) - 1, -1, -1):
         i0, i1 = pyramid[level]
-        u = _solve_scale(i0, i1, u, params)
+        if solver == "eager":
+            u = _solve_scale(i0, i1, u, params)
+        else:
+            every = check_every or (1 if prev.device.type == "cpu" else 10)
+            u = _solve_scale_fused(i0, i1, u, params, _steps(solver == "compiled"), every)
         if level == 0:
             break
         finer = sizes[level - 1]
