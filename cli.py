@@ -1,12 +1,39 @@
 """The `asym3d` command line: thin click commands that validate input and call one library function each."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
+from pipeline.errors import Asym3dError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+
+class _Group(click.Group):
+    """Turns the project's own errors (:class:`Asym3dError`) into click's one-line "Error: ..." with exit status 1.
+    Nothing else is caught: any other exception is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Asym3dError as err:
+            raise click.ClickException(str(err)) from None
+
+
+class _Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: they pass every range comparison and then poison the output
+    (all-zero flow, NaN weights)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="asym3d")
 def main() -> None:
     """asym3d: raw action videos to per-split accuracy tables with asymmetric 3D CNNs.
@@ -37,19 +64,16 @@ def models_cmd(
 
     import model
 
-    try:
-        if markdown:
-            click.echo(model.markdown_table(num_classes=num_classes, clip=clip), nl=False)
-        elif layers_of:
-            layers = model.layer_costs(layers_of, num_classes=num_classes, clip=clip)
-            text = json.dumps([r.as_dict() for r in layers], indent=1) + "\n" if as_json else model.layer_table(layers)
-            click.echo(text, nl=False)
-        else:
-            rows = model.model_summary(num_classes=num_classes, clip=clip)
-            text = json.dumps([r.as_dict() for r in rows], indent=1) + "\n" if as_json else model.summary_table(rows)
-            click.echo(text, nl=False)
-    except (KeyError, ValueError) as err:  # unknown network name, clip too small for the pools
-        raise click.ClickException(str(err)) from None
+    if markdown:
+        click.echo(model.markdown_table(num_classes=num_classes, clip=clip), nl=False)
+    elif layers_of:
+        layers = model.layer_costs(layers_of, num_classes=num_classes, clip=clip)
+        text = json.dumps([r.as_dict() for r in layers], indent=1) + "\n" if as_json else model.layer_table(layers)
+        click.echo(text, nl=False)
+    else:
+        rows = model.model_summary(num_classes=num_classes, clip=clip)
+        text = json.dumps([r.as_dict() for r in rows], indent=1) + "\n" if as_json else model.summary_table(rows)
+        click.echo(text, nl=False)
 
 
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:

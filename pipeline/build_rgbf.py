@@ -13,6 +13,7 @@ Storage default (measured by ``bench/storage.py``, table in BENCHMARKS.md): JPEG
 from __future__ import annotations
 
 import json
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.rgbf import (DEFAULT_FLOW_BOUND, FLOW_IMAGE_ENCODING, LAST_FRAME_PAIRING, MODALITIES, RGBF_DEFINITION,
                            RGBFError, paired_flow_index, training_frames)
 from pipeline.runner import run_tasks
@@ -65,14 +67,14 @@ class BuildConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be distinct names from {', '.join(MODALITIES)}; "
+            raise ConfigError(f"modalities must be distinct names from {', '.join(MODALITIES)}; "
                              f"got {', '.join(self.modalities) or 'none'}")
         if self.storage not in STORAGE:
-            raise ValueError(f"unknown storage {self.storage!r}; choose from {', '.join(STORAGE)}")
+            raise ConfigError(f"unknown storage {self.storage!r}; choose from {', '.join(STORAGE)}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"JPEG quality must be 1..100, got {self.jpeg_quality}")
-        if not self.flow_bound > 0:
-            raise ValueError(f"flow bound must be positive, got {self.flow_bound}")
+            raise ConfigError(f"JPEG quality must be 1..100, got {self.jpeg_quality}")
+        if not 0 < self.flow_bound < math.inf:
+            raise ConfigError(f"flow bound must be positive, got {self.flow_bound}")
 
 
 def train_schema(source: Schema, cfg: BuildConfig) -> Schema:

@@ -32,6 +32,8 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from pipeline.errors import Asym3dError, ConfigError
+
 __all__ = ["DecodeConfig", "DecodeError", "decode_video", "ffmpeg_exe"]
 
 # How much of ffmpeg's stderr goes into a DecodeError message: enough to name the cause, short enough for one line
@@ -41,7 +43,7 @@ _MAX_REASON_CHARS = 240
 _LOG_PREFIX = re.compile(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*")
 
 
-class DecodeError(RuntimeError):
+class DecodeError(Asym3dError):
     """A video could not be decoded; the message is ``"<path>: <reason>"`` on one line."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
@@ -68,13 +70,13 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
-            raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be positive or None, got {self.fps}")
+            raise ConfigError(f"frame size must be positive, got {self.height}x{self.width}")
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"fps must be positive or None, got {self.fps}")
         if self.max_frames <= 0:
-            raise ValueError(f"max_frames must be positive, got {self.max_frames}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+            raise ConfigError(f"max_frames must be positive, got {self.max_frames}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
 @functools.cache

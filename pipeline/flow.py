@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.devices import check_device
+from pipeline.errors import Asym3dError, ConfigError
 from pipeline.tvl1_params import TVL1Params
 from pipeline.tvl1_torch import tvl1_flow_frames
 
@@ -53,7 +55,7 @@ _FARNEBACK_SETTINGS = {
 }
 
 
-class FlowBackendUnavailable(RuntimeError):
+class FlowBackendUnavailable(Asym3dError):
     """The requested backend cannot run with this OpenCV/torch installation or hardware."""
 
 
@@ -90,7 +92,7 @@ def cuda_available() -> bool:
 def resolve_backend(name: str) -> str:
     """The concrete backend ``name`` stands for: ``auto`` becomes cuda, torch (with a GPU) or cpu, in that order."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if cuda_available():
@@ -230,12 +232,8 @@ def make_backend(
         return _CudaTVL1(params)
     if resolved == "torch":
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise FlowBackendUnavailable(
-                f"torch {torch.__version__} sees no CUDA device for --device {device}; use --device cpu"
-            )
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return _TorchTVL1(params, device, batch_size)
     if resolved == "dis":
         return _Dis()

@@ -30,13 +30,15 @@ from typing import Any, Iterable, Iterator
 import h5py
 import numpy as np
 
+from pipeline.errors import Asym3dError
+
 FORMAT_VERSION = 1
 SCHEMA_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.h5"
 
 
-class StoreError(RuntimeError):
+class StoreError(Asym3dError):
     """A shard directory that cannot be used: missing, from another format version, or another configuration."""
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.decode import DecodeConfig, decode_video
+from pipeline.errors import ConfigError
 from pipeline.flow import (
     BACKENDS,
     FlowBackendUnavailable,
@@ -83,8 +84,10 @@ def test_cuda_is_unavailable_here_with_a_clear_error() -> None:
 def test_torch_on_a_missing_gpu_errors_clearly() -> None:
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here")
-    with pytest.raises(FlowBackendUnavailable, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="no CUDA device"):
         make_backend("torch", device="cuda")
+    with pytest.raises(ConfigError, match="not a device"):
+        make_backend("torch", device="bogus")
 
 
 def test_auto_prefers_cuda_then_torch_gpu_then_cpu() -> None:
