@@ -94,7 +94,6 @@ def train_schema(source: Schema, cfg: BuildConfig) -> Schema:
         "rgbf": RGBF_DEFINITION,
         "frame_pairing": LAST_FRAME_PAIRING,
         "source": source.config,
-        "libraries": library_versions(),
     }
     return Schema(kind="train", height=source.height, width=source.width, fields=fields, config=config)
 
@@ -165,7 +164,8 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
     source.close()
     _check_source(flow_dir, source)
     schema = train_schema(source.schema, cfg)
-    prepare_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite)
+    prepare_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite,
+                   recorded={"libraries": library_versions()})
     by_shard: dict[str, list[VideoEntry]] = {name: [] for name in source.complete_shards}
     for video in source.videos:
         by_shard[video.shard].append(video)
@@ -221,7 +221,8 @@ def process_shard(task: ShardTask) -> ShardResult:
     if _up_to_date(Path(task.source), output):  # finished by an earlier run or a retried task
         result.skipped = True
         return result
-    with h5py.File(task.source, "r") as handle, ShardWriter(output, task.schema, task.shard_index) as writer:
+    recorded = {"libraries": library_versions()}
+    with h5py.File(task.source, "r") as handle, ShardWriter(output, task.schema, task.shard_index, recorded) as writer:
         result.failures.extend(json.loads(handle.attrs.get("failures", "[]")))
         for video in task.videos:
             try:

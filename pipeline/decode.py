@@ -57,7 +57,8 @@ class DecodeConfig:
     """How to decode a video.
 
     height, width: output frame size in pixels; the paper resizes every video to 128x171 (HxW) before cropping.
-    fps: resample to this frame rate (ffmpeg drops/duplicates frames); None keeps the source rate.
+    fps: resample to this frame rate (ffmpeg drops/duplicates frames); None keeps every source frame once, also for
+        variable-frame-rate files.
     max_frames: hard cap on decoded frames (memory bound: 20000 frames at 128x171 is 1.3 GB).
     timeout_s: ffmpeg is killed after this many seconds.
     """
@@ -108,13 +109,20 @@ def _summarise_stderr(stderr: bytes) -> str:
 
 def _command(path: Path, cfg: DecodeConfig) -> list[str]:
     stream = ffmpeg.input(f"file:{path}", protocol_whitelist="file")
+    timing: dict[str, str] = {}
     if cfg.fps is not None:
         # The fps filter resamples on the output time grid (10 s at 25 -> 10 fps gives 100 frames); the `-r` output
         # option instead pads the end with duplicates (102 frames for the same file).
         stream = stream.filter("fps", fps=cfg.fps)
+    else:
+        # Every decoded frame exactly once: by default ffmpeg forces a constant rate, duplicating or dropping frames
+        # of variable-rate files and of raw MPEG-4 streams without a container (3 of 151 frames). Passthrough keeps
+        # them; numbering the frames 0, 1, 2, ... seconds keeps the rawvideo muxer from seeing equal timestamps.
+        stream = stream.filter("settb", "1").filter("setpts", "N")
+        timing = {"fps_mode": "passthrough"}
     stream = (
         stream.filter("scale", cfg.width, cfg.height)
-        .output("pipe:", format="rawvideo", pix_fmt="rgb24", **{"frames:v": cfg.max_frames})
+        .output("pipe:", format="rawvideo", pix_fmt="rgb24", **{"frames:v": cfg.max_frames}, **timing)
         .global_args("-nostdin", "-v", "error", "-xerror")
     )
     return ffmpeg.compile(stream, cmd=ffmpeg_exe())

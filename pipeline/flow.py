@@ -36,12 +36,16 @@ __all__ = [
     "FlowBackendUnavailable",
     "TVL1Params",
     "backend_metadata",
+    "backend_record",
     "cuda_available",
     "make_backend",
     "resolve_backend",
 ]
 
 BACKENDS = ("auto", "cuda", "cpu", "torch", "dis", "farneback")
+# The smallest frame side every backend handles: OpenCV's DIS raises (or crashes) on frames under 12 px, and TV-L1
+# pyramid levels stop at 16 px; 32 leaves a margin and is far below any real use.
+MIN_FRAME_SIDE = 32
 
 # Farneback settings: the values of OpenCV's dense optical flow tutorial, a common choice for video at this size.
 _FARNEBACK_SETTINGS = {
@@ -241,17 +245,12 @@ def make_backend(
 
 
 def backend_metadata(backend: FlowBackend) -> dict[str, Any]:
-    """What made a flow: backend, algorithm (and whether it is TV-L1), parameters, device and library versions.
+    """What a flow is: the algorithm (and whether it is TV-L1) and its parameters, the identity a resumed run must
+    match, so flow of a non-TV-L1 backend or other parameters is never mistaken for the paper's. Which backend and
+    device ran it is :func:`backend_record`."""
+    return {"algorithm": backend.algorithm, "is_tvl1": backend.is_tvl1, "params": dict(backend.settings)}
 
-    Stored with every shard, so flow from a non-TV-L1 backend, other parameters or another library version is
-    never mistaken for the paper's.
-    """
-    return {
-        "name": backend.name,
-        "algorithm": backend.algorithm,
-        "is_tvl1": backend.is_tvl1,
-        "params": dict(backend.settings),
-        "device": backend.device,
-        "opencv_version": cv2.__version__,
-        "torch_version": torch.__version__,
-    }
+
+def backend_record(backend: FlowBackend) -> dict[str, Any]:
+    """What ran a flow (backend, device, torch version): recorded with the shards, never compared."""
+    return {"backend": backend.name, "device": backend.device, "torch": torch.__version__}

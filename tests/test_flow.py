@@ -16,6 +16,7 @@ from pipeline.flow import (
     FlowBackendUnavailable,
     TVL1Params,
     backend_metadata,
+    backend_record,
     cuda_available,
     make_backend,
     resolve_backend,
@@ -108,16 +109,17 @@ def test_explicit_names_resolve_to_themselves_and_unknown_names_list_choices() -
 @pytest.mark.parametrize(("name", "algorithm"), [("dis", "dis"), ("farneback", "farneback")])
 def test_fast_backends_are_labelled_non_tvl1(name: str, algorithm: str) -> None:
     meta = backend_metadata(make_backend(name))
-    assert meta["name"] == name and meta["algorithm"] == algorithm and meta["is_tvl1"] is False
+    assert meta["algorithm"] == algorithm and meta["is_tvl1"] is False
+    assert backend_record(make_backend(name))["backend"] == name
 
 
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_tvl1_metadata_records_params_and_versions(name: str) -> None:
     params = TVL1Params(lambda_=0.1, nscales=3)
-    meta = backend_metadata(make_backend(name, params, device="cpu"))
-    assert meta["algorithm"] == "tvl1" and meta["is_tvl1"] is True and meta["device"] == "cpu"
-    assert meta["params"] == dataclasses.asdict(params)
-    assert meta["opencv_version"] == cv2.__version__ and meta["torch_version"] == torch.__version__
+    backend = make_backend(name, params, device="cpu")
+    meta = backend_metadata(backend)
+    assert meta == {"algorithm": "tvl1", "is_tvl1": True, "params": dataclasses.asdict(params)}
+    assert backend_record(backend) == {"backend": name, "device": "cpu", "torch": torch.__version__}
 
 
 def test_bad_frames_are_rejected() -> None:
