@@ -43,9 +43,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cuda", "cpu", "torch", "dis", "farneback")
-# The smallest frame side every backend handles: OpenCV's DIS raises (or crashes) on frames under 12 px, and TV-L1
-# pyramid levels stop at 16 px; 32 leaves a margin and is far below any real use.
-MIN_FRAME_SIDE = 32
+# The smallest frame side every backend handles: OpenCV's DIS raises on frames of 8 px and has crashed the process
+# on 12 px high ones; 16 px is also where TV-L1 stops adding pyramid levels. Far below any real use.
+MIN_FRAME_SIDE = 16
 
 # Farneback settings: the values of OpenCV's dense optical flow tutorial, a common choice for video at this size.
 _FARNEBACK_SETTINGS = {

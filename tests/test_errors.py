@@ -62,7 +62,7 @@ def test_own_errors_are_one_line_and_bugs_keep_their_traceback() -> None:
 @pytest.mark.parametrize(("args", "needles"), [
     (["--tau", "nan"], ["--tau", "not a finite number"]),
     (["--lambda", "inf"], ["--lambda", "not a finite number"]),
-    (["--size", "4x4", "--backend", "dis"], ["--size 4x4", "at least 32 pixels"]),
+    (["--size", "4x4", "--backend", "dis"], ["--size 4x4", "at least 16 pixels"]),
     (["--backend", "torch", "--device", "bogus"], ["--device 'bogus'", "not a device"]),
     (["--backend", "torch", "--device", "cuda:99"], ["--device cuda:99"]),
     (["--scheduler", "tls://127.0.0.1:1"], ["tls:// needs dask's TLS configuration"]),
