@@ -235,8 +235,8 @@ class _Collector:
             raise DatasetError(f"{sources}: no videos listed")
         if self.other_extension:
             listed, found = self.other_extension[0]
-            self.warnings.append(f"{self.root}: {len(self.other_extension)} listed videos found under another "
-                                 f"extension (e.g. {listed} -> {found.name})")
+            self.warnings.insert(0, f"{self.root}: {len(self.other_extension)} listed videos found under another "
+                                    f"extension (e.g. {listed} -> {found.name})")  # first: the CLI shows ten
         records = [VideoRecord(vid, e.path, e.label, self.classes[e.label], e.group, dict(sorted(e.splits.items())))
                    for vid, e in sorted(self.entries.items(), key=lambda item: (item[1].label, item[0]))]
         missing = {split: (self.missing.get(split, 0), named) for split, named in sorted(self.named.items())}
