@@ -4,11 +4,20 @@
 ``process_shard`` over the shards with the shared runner (joblib or dask). ``process_shard`` is a pure function of its
 task: it skips a shard that is already complete, records each bad video as a failure instead of raising, and writes
 the shard atomically, so a killed run loses at most the shards in flight and a rerun redoes only those.
+
+Any exception while one video is decoded or its flow computed fails that video, with the reason, and the run goes
+on: up to ``max_failures`` videos (a count, or a fraction of the run's videos), after which the run stops with
+:class:`TooManyFailures`; the finished shards are kept for a rerun.
+
+The schema (the output's identity) holds the decoding and the flow algorithm with its parameters; the backend,
+device, batch size, timeout and library versions are recorded beside it, so ``--retry-failed --timeout 60`` or a
+rerun after a library upgrade continues the same output.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +25,8 @@ import h5py
 
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
-from pipeline.flow import backend_metadata, make_backend, resolve_backend
+from pipeline.errors import Asym3dError, ConfigError
+from pipeline.flow import MIN_FRAME_SIDE, backend_metadata, backend_record, make_backend, resolve_backend
 from pipeline.runner import run_tasks
 from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
                             prepare_output, shard_name, write_manifest)
@@ -29,11 +39,18 @@ FLOW_FIELD = FieldSpec("flow", channels=2, dtype="int16", scale=100.0, compressi
                        description="(u, v) displacement in pixels at the stored resolution, frame t -> t+1")
 RGB_FIELD = FieldSpec("rgb", channels=3, dtype="uint8", compression="lzf",
                       description="decoded RGB frames, lossless (build-rgbf multiplies them by the flow magnitude)")
+# The default --max-failures: a run in which most videos fail points at a wrong setting, not at a few bad files.
+DEFAULT_MAX_FAILURES = 0.5
+
+
+class TooManyFailures(Asym3dError):
+    """More videos failed than ``max_failures`` allows; the run stopped (finished shards are kept)."""
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything that determines the bytes of a flow shard (stored in the schema; a resume must match it)."""
+    """How to extract flow. The decoding (but its timeout), the algorithm and its parameters and the shard size make
+    the schema a resume must match; backend, device, batch size and timeout are recorded (:meth:`recorded`)."""
 
     decode: DecodeConfig = DecodeConfig()
     backend: str = "auto"
@@ -44,12 +61,24 @@ class ExtractConfig:
     flow_field: FieldSpec = FLOW_FIELD
     rgb_field: FieldSpec = RGB_FIELD
 
+    def __post_init__(self) -> None:
+        if min(self.decode.height, self.decode.width) < MIN_FRAME_SIDE:
+            raise ConfigError(f"--size {self.decode.height}x{self.decode.width}: optical flow needs frames of at "
+                              f"least {MIN_FRAME_SIDE} pixels a side")
+
     def schema(self) -> Schema:
         backend = make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size)
+        decode = {k: v for k, v in dataclasses.asdict(self.decode).items() if k != "timeout_s"}
         return Schema(kind="flow", height=self.decode.height, width=self.decode.width,
                       fields=(self.rgb_field, self.flow_field),
-                      config={"decode": dataclasses.asdict(self.decode), "flow": backend_metadata(backend),
-                              "videos_per_shard": self.videos_per_shard, "libraries": library_versions()})
+                      config={"decode": decode, "flow": backend_metadata(backend),
+                              "videos_per_shard": self.videos_per_shard})
+
+    def recorded(self) -> dict:
+        """What runs (never compared on resume): library versions, backend, device and limits."""
+        backend = make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size)
+        return {"libraries": library_versions(), **backend_record(backend), "batch_size": self.batch_size,
+                "timeout_s": self.decode.timeout_s}
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,7 @@ class ShardTask:
     records: tuple[VideoRecord, ...]
     cfg: ExtractConfig
     schema: Schema  # declared once for the run, so every worker writes exactly what was declared
+    recorded: dict  # what ran, stored in the shard
     retry_failed: bool = False
 
 
@@ -89,7 +119,7 @@ def process_shard(task: ShardTask) -> ShardResult:
     ok = frames_done = 0
     source = h5py.File(path, "r") if keep else None
     try:
-        with ShardWriter(path, task.schema, task.index) as writer:
+        with ShardWriter(path, task.schema, task.index, task.recorded) as writer:
             for record in task.records:
                 if record.video_id in keep:
                     writer.copy_video(source, keep[record.video_id])
@@ -100,8 +130,8 @@ def process_shard(task: ShardTask) -> ShardResult:
                     if len(frames) < 2:
                         raise DecodeError(record.path, f"{len(frames)} frame(s); optical flow needs at least 2")
                     flow = backend.compute(frames)
-                except DecodeError as err:
-                    writer.add_failure(record.video_id, str(record.path), str(err))
+                except Exception as err:  # noqa: BLE001 - any failure fails this video only, with its reason
+                    writer.add_failure(record.video_id, str(record.path), _reason(record, err))
                     continue
                 writer.add_video(VideoMeta(record.video_id, record.label, record.label_name, str(record.path),
                                            dict(record.splits)), {"rgb": frames, "flow": flow})
@@ -111,6 +141,25 @@ def process_shard(task: ShardTask) -> ShardResult:
         if source is not None:
             source.close()
     return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False)
+
+
+def _reason(record: VideoRecord, err: Exception) -> str:
+    """One line: our own errors already name the file; anything else (a backend's cv2.error, a bug) gets the path
+    and the exception type, so the failure list says what to look at."""
+    if isinstance(err, Asym3dError):
+        return str(err)
+    text = " ".join(str(err).split()) or "no message"
+    return f"{record.path}: {type(err).__name__}: {text[:240]}"
+
+
+def failure_limit(max_failures: int | float, videos: int) -> int:
+    """The number of failed videos a run may have: an int is a count, a float a fraction (0 to 1) of ``videos``
+    (1.0 never stops a run)."""
+    if isinstance(max_failures, int) and max_failures >= 0:
+        return max_failures
+    if isinstance(max_failures, float) and 0 <= max_failures <= 1:  # NaN fails both comparisons
+        return math.floor(max_failures * videos)
+    raise ConfigError(f"--max-failures must be a count or a fraction from 0 to 1, got {max_failures}")
 
 
 def _existing_result(index: int, f: h5py.File) -> ShardResult:
@@ -126,6 +175,7 @@ class ExtractSummary:
     videos_ok: int
     failures: tuple[dict[str, str], ...]
     frames_decoded: int
+    warnings: tuple[str, ...] = ()  # e.g. library versions changed since the earlier run into out_dir
 
 
 def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple[VideoRecord, ...]]:
@@ -138,21 +188,37 @@ def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple
 
 def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs: int = 1,
                  scheduler: str | None = None, overwrite: bool = False, retry_failed: bool = False,
-                 progress: bool = True) -> ExtractSummary:
-    """Run the stage over a dataset index; see the module docstring for the guarantees."""
+                 progress: bool = True, max_failures: int | float = DEFAULT_MAX_FAILURES) -> ExtractSummary:
+    """Run the stage over a dataset index; see the module docstring for the guarantees.
+
+    ``max_failures``: a count (int) or a fraction of the index's videos (float); more failed videos stop the run
+    with :class:`TooManyFailures`.
+    """
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
     cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend))
-    schema = cfg.schema()
+    schema, recorded = cfg.schema(), cfg.recorded()
+    limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
-    prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan], overwrite=overwrite)
-    tasks = [ShardTask(i, out_dir, shard, cfg, schema, retry_failed) for i, shard in enumerate(plan)]
-    results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
-                        frames_of=lambda r: r.frames, progress=progress)
-    write_manifest(out_dir)
+    warnings = prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
+                              overwrite=overwrite, recorded=recorded)
+    tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
+    failures: list[dict[str, str]] = []
+
+    def stop_on_too_many(result: ShardResult) -> None:
+        failures.extend(result.failures)
+        if len(failures) > limit:
+            raise TooManyFailures(f"{out_dir}: stopped after {len(failures)} of {len(index.records)} videos failed "
+                                  f"(--max-failures {max_failures:g} allows {limit}); first: {failures[0]['reason']}")
+
+    try:
+        results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
+                            frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
+    finally:
+        write_manifest(out_dir)
     return ExtractSummary(out_dir, cfg.backend, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results))
+                          sum(r.frames for r in results), tuple(warnings))
 

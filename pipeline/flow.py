@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.devices import check_device
+from pipeline.errors import Asym3dError, ConfigError
 from pipeline.tvl1_params import TVL1Params
 from pipeline.tvl1_torch import rgb_to_gray, tvl1_flow_frames
 
@@ -34,12 +36,16 @@ __all__ = [
     "FlowBackendUnavailable",
     "TVL1Params",
     "backend_metadata",
+    "backend_record",
     "cuda_available",
     "make_backend",
     "resolve_backend",
 ]
 
 BACKENDS = ("auto", "cuda", "cpu", "torch", "dis", "farneback")
+# The smallest frame side every backend handles: OpenCV's DIS raises on frames of 8 px and has crashed the process
+# on 12 px high ones; 16 px is also where TV-L1 stops adding pyramid levels. Far below any real use.
+MIN_FRAME_SIDE = 16
 
 # Farneback settings: the values of OpenCV's dense optical flow tutorial, a common choice for video at this size.
 _FARNEBACK_SETTINGS = {
@@ -53,7 +59,7 @@ _FARNEBACK_SETTINGS = {
 }
 
 
-class FlowBackendUnavailable(RuntimeError):
+class FlowBackendUnavailable(Asym3dError):
     """The requested backend cannot run with this OpenCV/torch installation or hardware."""
 
 
@@ -90,7 +96,7 @@ def cuda_available() -> bool:
 def resolve_backend(name: str) -> str:
     """The concrete backend ``name`` stands for: ``auto`` becomes cuda, torch (with a GPU) or cpu, in that order."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if cuda_available():
@@ -230,12 +236,8 @@ def make_backend(
         return _CudaTVL1(params)
     if resolved == "torch":
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise FlowBackendUnavailable(
-                f"torch {torch.__version__} sees no CUDA device for --device {device}; use --device cpu"
-            )
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return _TorchTVL1(params, device, batch_size)
     if resolved == "dis":
         return _Dis()
@@ -243,17 +245,12 @@ def make_backend(
 
 
 def backend_metadata(backend: FlowBackend) -> dict[str, Any]:
-    """What made a flow: backend, algorithm (and whether it is TV-L1), parameters, device and library versions.
+    """What a flow is: the algorithm (and whether it is TV-L1) and its parameters, the identity a resumed run must
+    match, so flow of a non-TV-L1 backend or other parameters is never mistaken for the paper's. Which backend and
+    device ran it is :func:`backend_record`."""
+    return {"algorithm": backend.algorithm, "is_tvl1": backend.is_tvl1, "params": dict(backend.settings)}
 
-    Stored with every shard, so flow from a non-TV-L1 backend, other parameters or another library version is
-    never mistaken for the paper's.
-    """
-    return {
-        "name": backend.name,
-        "algorithm": backend.algorithm,
-        "is_tvl1": backend.is_tvl1,
-        "params": dict(backend.settings),
-        "device": backend.device,
-        "opencv_version": cv2.__version__,
-        "torch_version": torch.__version__,
-    }
+
+def backend_record(backend: FlowBackend) -> dict[str, Any]:
+    """What ran a flow (backend, device, torch version): recorded with the shards, never compared."""
+    return {"backend": backend.name, "device": backend.device, "torch": torch.__version__}

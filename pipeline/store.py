@@ -3,9 +3,11 @@
 A stage output directory holds:
 
 - ``dataset.json``: written when a run starts. The schema (what each stored field is, its dtype, encoding and
-  precision), the stage configuration and library versions that made the data, the dataset's classes and the shard
-  plan (which video ids go to which shard). A later run into the same directory must declare the same schema or is
-  refused (see :func:`prepare_output`).
+  precision, and the algorithm and parameters that made it), the dataset's classes and the shard plan (which video
+  ids go to which shard): the output's identity. A later run into the same directory must declare the same or is
+  refused (see :func:`prepare_output`). Beside it, ``recorded``: what ran (library versions, backend, device,
+  runtime limits), which is recorded, also in each shard, but never compared: a rerun after a library upgrade or
+  with a longer timeout continues the output, with a warning naming changed versions.
 - ``shard-NNNNN.h5``: written under ``shard-NNNNN.h5.tmp`` and renamed when complete, so a file with the final name
   is always whole. A rerun skips those and redoes the rest. Each shard carries the schema too, so a lone shard
   still says what it is.
@@ -30,13 +32,15 @@ from typing import Any, Iterable, Iterator
 import h5py
 import numpy as np
 
+from pipeline.errors import Asym3dError
+
 FORMAT_VERSION = 1
 SCHEMA_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.h5"
 
 
-class StoreError(RuntimeError):
+class StoreError(Asym3dError):
     """A shard directory that cannot be used: missing, from another format version, or another configuration."""
 
 
@@ -128,37 +132,45 @@ def library_versions() -> dict[str, str]:
 
 
 def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: list[list[str]],
-                   *, overwrite: bool = False) -> None:
+                   *, overwrite: bool = False, recorded: dict[str, Any] | None = None) -> list[str]:
     """Create ``root`` for a run, or check that it continues an earlier run of the same configuration.
 
     ``dataset`` holds what the data is about (kind, classes, relabel mappings); ``plan`` the video ids per shard.
     A different schema or plan in an existing directory raises :class:`StoreError` naming the difference, unless
-    ``overwrite``, which deletes the earlier shards first (never silently).
+    ``overwrite``, which deletes the earlier shards first (never silently). ``recorded`` (what runs this time:
+    ``libraries``, backend, limits) is stored, not compared; returns warnings naming changed library versions.
     """
     root.mkdir(parents=True, exist_ok=True)
     meta_path = root / SCHEMA_FILE
-    new = {"schema": schema.to_dict(), "dataset": dataset, "plan": plan}
+    new = {"schema": schema.to_dict(), "dataset": dataset, "plan": plan, "recorded": recorded or {}}
     if meta_path.exists() and not overwrite:
         old = json.loads(meta_path.read_text())
-        diff = _differences(old, json.loads(json.dumps(new)))
+        identity = {key: old.get(key) for key in ("schema", "dataset", "plan")}
+        diff = _differences(identity, json.loads(json.dumps({key: new[key] for key in identity})))
         if diff:
             raise StoreError(f"{root}: holds output of a different configuration ({'; '.join(diff[:5])}); "
                              "use another output directory or --overwrite")
-        return
+        before = old.get("recorded", {}).get("libraries", {})
+        now = new["recorded"].get("libraries", {})
+        changed = [f"{name} {before[name]} -> {now[name]}" for name in sorted(set(before) & set(now))
+                   if before[name] != now[name]]
+        if old.get("recorded") != json.loads(json.dumps(new["recorded"])):  # a finished rerun writes nothing
+            _atomic_write_text(meta_path, json.dumps(new, indent=1))
+        return [f"{root}: library versions changed since the earlier run ({', '.join(changed)}); each shard "
+                "records the versions that made it"] if changed else []
     if overwrite:
         for path in list(root.glob(SHARD_GLOB)) + list(root.glob(SHARD_GLOB + ".tmp")):
             path.unlink()
         (root / MANIFEST_FILE).unlink(missing_ok=True)
     _atomic_write_text(meta_path, json.dumps(new, indent=1))
+    return []
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human-readable list of where two JSON documents differ (library versions excluded)."""
+    """Human-readable list of where two JSON documents differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            if key == "libraries":
-                continue
             sub = f"{path}.{key}" if path else key
             if key not in old or key not in new:
                 out.append(f"{sub} only in {'new' if key in new else 'existing'} run")
@@ -207,15 +219,17 @@ class ShardWriter:
     """Write one shard atomically: ``with ShardWriter(path, schema, index) as w: w.add_video(...)``.
 
     The file is built under ``<path>.tmp`` and renamed onto ``path`` only when the ``with`` block ends without an
-    exception, so a killed process never leaves a file that looks complete.
+    exception, so a killed process never leaves a file that looks complete. ``recorded`` (library versions, backend)
+    is stored beside the schema and never compared.
     """
 
-    def __init__(self, path: Path, schema: Schema, shard_index: int):
+    def __init__(self, path: Path, schema: Schema, shard_index: int, recorded: dict[str, Any] | None = None):
         self.path = Path(path)
         self.schema = schema
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = h5py.File(self.tmp, "w")
         self._file.attrs["asym3d_schema"] = json.dumps(schema.to_dict())
+        self._file.attrs["asym3d_recorded"] = json.dumps(recorded or {})
         self._file.attrs["asym3d_shard"] = shard_index
         self._videos = self._file.create_group("videos")
         self._failures: list[dict[str, str]] = []
@@ -320,10 +334,12 @@ class ShardSet:
         self.videos: list[VideoEntry] = []
         self.failures: list[dict[str, str]] = []
         self.complete_shards: list[str] = []
+        self.recorded: dict[str, dict[str, Any]] = {}  # shard name -> what ran (library versions, backend)
         for path in sorted(self.root.glob(SHARD_GLOB)):
             with h5py.File(path, "r") as f:
                 self._check_shard_schema(path, f)
                 self.complete_shards.append(path.name)
+                self.recorded[path.name] = json.loads(f.attrs.get("asym3d_recorded", "{}"))
                 self.failures.extend(json.loads(f.attrs.get("failures", "[]")))
                 for key, group in f["videos"].items():
                     a = group.attrs
@@ -359,7 +375,7 @@ class ShardSet:
         try:
             return self._by_id[video_id]
         except KeyError:
-            raise KeyError(f"{self.root}: no video {video_id!r}") from None
+            raise StoreError(f"{self.root}: no video {video_id!r}") from None
 
     def split_videos(self, split: int, subset: str) -> list[VideoEntry]:
         """Videos stored here that the dataset puts in ``subset`` ("train"/"test") of split ``split``."""
