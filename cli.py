@@ -194,8 +194,13 @@ def _tvl1_options(func):
               help="auto: OpenCV CUDA TV-L1 if OpenCV has CUDA, else the torch TV-L1 on a CUDA GPU, else OpenCV CPU "
                    "TV-L1. cuda/cpu/torch are TV-L1; dis and farneback are fast NON-TV-L1 flows (recorded as such)")
 @click.option("--device", help="torch backend: cuda, cuda:1 or cpu [default: cuda if available]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="torch backend: frame pairs per batch (bounds GPU memory)")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="torch backend: frame pairs per batch, pooled across videos (bounds device memory) [default: 32 "
+                   "on a CPU; on a GPU 1024 at 171x128, scaled by frame area]")
+@click.option("--solver", type=click.Choice(["auto", "eager", "fused", "compiled"]), default="auto", show_default=True,
+              help="torch backend: eager (the reference: finished pairs leave the batch), fused (stopping flags kept "
+                   "on the device), compiled (fused through torch.compile; compile time is printed once and cached "
+                   "between runs); auto = compiled on a GPU, eager on a CPU")
 @_tvl1_options
 @click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
 @_runner_options
@@ -203,7 +208,7 @@ def _tvl1_options(func):
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_file, categories_file, keep_file,
                      classes, max_missing, max_failures, size, fps, max_frames, timeout, backend, device, batch_size,
-                     videos_per_shard, jobs, scheduler, retry_failed, overwrite, **tvl1) -> None:
+                     solver, videos_per_shard, jobs, scheduler, retry_failed, overwrite, **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
@@ -214,13 +219,12 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
     from pipeline.datasets import index_dataset
     from pipeline.decode import DecodeConfig
     from pipeline.extract import ExtractConfig, extract_flow
-    from pipeline.flow import resolve_backend
     from pipeline.tvl1_params import TVL1Params
 
     cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
                                             timeout_s=timeout),
-                        backend=resolve_backend(backend), tvl1=TVL1Params(**tvl1), device=device,
-                        batch_size=batch_size, videos_per_shard=videos_per_shard)
+                        backend=backend, tvl1=TVL1Params(**tvl1), device=device, batch_size=batch_size,
+                        solver=solver, videos_per_shard=videos_per_shard)
     _check_runner(jobs, scheduler)
     index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file, categories_file=categories_file,
                           keep_file=keep_file, classes=classes, max_missing=max_missing)
@@ -239,7 +243,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
                f"{summary.shards_skipped}/{summary.shards_total} shards already complete, "
-               f"{summary.frames_decoded} frames decoded this run")
+               f"{summary.frames_decoded} frames decoded this run; flow by {summary.backend}")
     _echo_failures(summary.failures)
     if summary.failures:
         raise SystemExit(1)

@@ -15,18 +15,22 @@ rerun after a library upgrade continues the same output.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
+import numpy as np
 
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
 from pipeline.errors import Asym3dError, ConfigError
-from pipeline.flow import MIN_FRAME_SIDE, backend_metadata, backend_record, make_backend, resolve_backend
+from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_backend
 from pipeline.runner import run_tasks
 from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
                             prepare_output, shard_name, write_manifest)
@@ -41,6 +45,9 @@ RGB_FIELD = FieldSpec("rgb", channels=3, dtype="uint8", compression="lzf",
                       description="decoded RGB frames, lossless (build-rgbf multiplies them by the flow magnitude)")
 # The default --max-failures: a run in which most videos fail points at a wrong setting, not at a few bad files.
 DEFAULT_MAX_FAILURES = 0.5
+# Videos decoded at once by each shard's worker, ahead of the flow: ffmpeg decodes ~600-1800 frames/s per process
+# here, a GPU solves more pairs than one process decodes.
+DECODE_THREADS = 2
 
 
 class TooManyFailures(Asym3dError):
@@ -56,7 +63,8 @@ class ExtractConfig:
     backend: str = "auto"
     tvl1: TVL1Params = TVL1Params()
     device: str | None = None  # torch backend only
-    batch_size: int = 32  # torch backend only: frame pairs per batch
+    batch_size: int | None = None  # torch backend only: frame pairs per batch, across videos (None: fill the device)
+    solver: str = "auto"  # torch backend only: pipeline.flow.TORCH_SOLVERS
     videos_per_shard: int = 50
     flow_field: FieldSpec = FLOW_FIELD
     rgb_field: FieldSpec = RGB_FIELD
@@ -67,18 +75,23 @@ class ExtractConfig:
                               f"least {MIN_FRAME_SIDE} pixels a side")
 
     def schema(self) -> Schema:
-        backend = make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size)
+        """The identity: no backend is built here, so a CPU login node can plan a run its GPU workers carry out."""
         decode = {k: v for k, v in dataclasses.asdict(self.decode).items() if k != "timeout_s"}
         return Schema(kind="flow", height=self.decode.height, width=self.decode.width,
                       fields=(self.rgb_field, self.flow_field),
-                      config={"decode": decode, "flow": backend_metadata(backend),
+                      config={"decode": decode, "flow": flow_identity(self.backend, self.tvl1),
                               "videos_per_shard": self.videos_per_shard})
 
     def recorded(self) -> dict:
-        """What runs (never compared on resume): library versions, backend, device and limits."""
-        backend = make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size)
-        return {"libraries": library_versions(), **backend_record(backend), "batch_size": self.batch_size,
-                "timeout_s": self.decode.timeout_s}
+        """What is asked (never compared on resume): library versions, backend options and limits. Each shard adds
+        what really ran there (:func:`pipeline.flow.backend_record`), resolved by the worker that wrote it."""
+        return {"libraries": library_versions(), "backend": self.backend, "device": self.device,
+                "batch_size": self.batch_size, "solver": self.solver, "timeout_s": self.decode.timeout_s}
+
+    def make_backend(self):
+        """This worker's backend: ``auto`` and the device are resolved where the work runs, not where it was planned."""
+        return make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size,
+                            solver=self.solver)
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,7 @@ class ShardResult:
     failures: tuple[dict[str, str], ...]
     frames: int  # frames decoded in this run (0 when the shard was already complete)
     skipped: bool
+    ran: str = ""  # the backend that computed it, as resolved by its worker (empty when skipped)
 
 
 def process_shard(task: ShardTask) -> ShardResult:
@@ -115,23 +129,31 @@ def process_shard(task: ShardTask) -> ShardResult:
             if not (task.retry_failed and failed):
                 return _existing_result(task.index, f)
             keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
-    backend = make_backend(task.cfg.backend, task.cfg.tvl1, device=task.cfg.device, batch_size=task.cfg.batch_size)
+    backend = task.cfg.make_backend()
+    recorded = {**task.recorded, **backend_record(backend)}
     ok = frames_done = 0
     source = h5py.File(path, "r") if keep else None
     try:
-        with ShardWriter(path, task.schema, task.index, task.recorded) as writer:
+        with ShardWriter(path, task.schema, task.index, recorded) as writer:
+            todo = []
             for record in task.records:
                 if record.video_id in keep:
                     writer.copy_video(source, keep[record.video_id])
                     ok += 1
-                    continue
-                try:
-                    frames = decode_video(record.path, task.cfg.decode)
-                    if len(frames) < 2:
-                        raise DecodeError(record.path, f"{len(frames)} frame(s); optical flow needs at least 2")
-                    flow = backend.compute(frames)
-                except Exception as err:  # noqa: BLE001 - any failure fails this video only, with its reason
-                    writer.add_failure(record.video_id, str(record.path), _reason(record, err))
+                else:
+                    todo.append(record)
+
+            def decoded() -> Iterator[tuple[tuple[VideoRecord, np.ndarray], np.ndarray]]:
+                """Decoded videos for the backend (decoding runs ahead); a video that fails to decode fails here."""
+                for record, frames in decode_ahead(todo, task.cfg.decode):
+                    if isinstance(frames, Exception):
+                        writer.add_failure(record.video_id, str(record.path), _reason(record, frames))
+                    else:
+                        yield (record, frames), frames
+
+            for (record, frames), flow in backend.compute_videos(decoded()):
+                if isinstance(flow, Exception):
+                    writer.add_failure(record.video_id, str(record.path), _reason(record, flow))
                     continue
                 writer.add_video(VideoMeta(record.video_id, record.label, record.label_name, str(record.path),
                                            dict(record.splits)), {"rgb": frames, "flow": flow})
@@ -140,7 +162,38 @@ def process_shard(task: ShardTask) -> ShardResult:
     finally:
         if source is not None:
             source.close()
-    return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False)
+    return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False, ran=_ran(backend))
+
+
+def _ran(backend) -> str:
+    """What computed a shard, for the summary: e.g. "torch on cuda:0 (compiled)" or "cpu"."""
+    solver = getattr(backend, "solver", None)
+    return backend.name + (f" on {backend.device}" if solver else "") + (f" ({solver})" if solver else "")
+
+
+def decode_ahead(records: list[VideoRecord], cfg: DecodeConfig, threads: int = DECODE_THREADS
+                 ) -> Iterator[tuple[VideoRecord, np.ndarray | Exception]]:
+    """Each record with its decoded frames (or the exception that stopped it), in order, decoding up to ``2 *
+    threads`` videos ahead in threads (ffmpeg runs in its own process), so flow never waits for decoding."""
+    def decode(record: VideoRecord) -> np.ndarray | Exception:
+        try:
+            frames = decode_video(record.path, cfg)
+            if len(frames) < 2:
+                raise DecodeError(record.path, f"{len(frames)} frame(s); optical flow needs at least 2")
+            return frames
+        except Exception as err:  # noqa: BLE001 - any failure fails this video only, with its reason
+            return err
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures: collections.deque = collections.deque()
+        for record in records:
+            futures.append((record, pool.submit(decode, record)))
+            if len(futures) > 2 * threads:
+                done, future = futures.popleft()
+                yield done, future.result()
+        while futures:
+            done, future = futures.popleft()
+            yield done, future.result()
 
 
 def _reason(record: VideoRecord, err: Exception) -> str:
@@ -196,8 +249,9 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     """
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
-    cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend))
     schema, recorded = cfg.schema(), cfg.recorded()
+    if scheduler is None:
+        cfg.make_backend()  # the workers are this machine: refuse a backend it cannot run before writing anything
     limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
@@ -217,7 +271,8 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
                             frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
     finally:
         write_manifest(out_dir)
-    return ExtractSummary(out_dir, cfg.backend, len(tasks), sum(r.skipped for r in results),
+    ran = ", ".join(sorted({r.ran for r in results if r.ran})) or f"{cfg.backend} (nothing left to compute)"
+    return ExtractSummary(out_dir, ran, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
                           sum(r.frames for r in results), tuple(warnings))

@@ -18,6 +18,7 @@ from pipeline.flow import (
     backend_metadata,
     backend_record,
     cuda_available,
+    flow_identity,
     make_backend,
     resolve_backend,
 )
@@ -119,7 +120,9 @@ def test_tvl1_metadata_records_params_and_versions(name: str) -> None:
     backend = make_backend(name, params, device="cpu")
     meta = backend_metadata(backend)
     assert meta == {"algorithm": "tvl1", "is_tvl1": True, "params": dataclasses.asdict(params)}
-    assert backend_record(backend) == {"backend": name, "device": "cpu", "torch": torch.__version__}
+    assert flow_identity(name, params) == meta  # the same identity without building the backend
+    solver = {"solver": "eager"} if name == "torch" else {}  # auto on a CPU
+    assert backend_record(backend) == {"backend": name, "device": "cpu", "torch": torch.__version__, **solver}
 
 
 def test_bad_frames_are_rejected() -> None:
