@@ -307,14 +307,14 @@ def _solve_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TV
 
 
 def _masked_step(u: torch.Tensor, px: torch.Tensor, py: torch.Tensor, step_dir: torch.Tensor, rho_c: torch.Tensor,
-                 grad: torch.Tensor, live: torch.Tensor, l_t: float, taut: float, theta: float,
-                 scaled_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 grad: torch.Tensor, live: torch.Tensor, l_t: float, taut: float,
+                 theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One inner iteration of every sample whose ``live`` flag is set; the others keep u, px and py unchanged.
 
     The same arithmetic as :func:`_iterate`, written without in-place ops and without leaving the device, so that
-    ``torch.compile`` fuses it into a few kernels and the batch keeps one shape. Returns (u, px, py, live) with
-    ``live`` cleared for samples whose update met the stopping rule in this iteration: OpenCV applies that last
-    update and then stops, and so does this.
+    ``torch.compile`` fuses it into a few kernels and the batch keeps one shape. Returns (u, px, py, error): each
+    sample's summed squared update, which the caller compares with the level's threshold (kept out of here: a float
+    argument that changes per pyramid level would make torch.compile specialise on each).
     """
     # The reference's own ops in its order (addcmul, add with alpha), so that eager runs of the two round alike.
     rho = rho_c
@@ -331,7 +331,7 @@ def _masked_step(u: torch.Tensor, px: torch.Tensor, py: torch.Tensor, step_dir: 
     u = torch.where(keep, u_new, u)
     px = torch.where(keep, px.add(ux, alpha=taut).div(norm), px)
     py = torch.where(keep, py.add(uy, alpha=taut).div(norm), py)
-    return u, px, py, live & (error > scaled_epsilon)
+    return u, px, py, error
 
 
 def _divergence_pure(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
@@ -354,7 +354,7 @@ class _Steps:
     CPU, no Triton for a GPU) the solver runs uncompiled with one warning, computing the same flow.
     """
 
-    def __init__(self, compiled: bool, device_type: str):
+    def __init__(self, compiled: bool, device_type: str, l_t: float, taut: float, theta: float):
         self.step, self.median = _masked_step, _masked_median
         if not compiled:
             return
@@ -362,10 +362,17 @@ class _Steps:
         step, median = torch.compile(_masked_step, dynamic=True), torch.compile(_masked_median, dynamic=True)
         start = time.perf_counter()
         try:
-            u = torch.zeros(2, 2, 16, 16, device=device_type)
-            live = torch.ones(2, dtype=torch.bool, device=device_type)
-            step(u, u, u, u, u[:, 0], u[:, 0] + 1, live, 0.0225, 0.8333, 0.3, 0.0256)
-            median(u, live, 5, _median_network(25))
+            # Every variant Dynamo makes is compiled here, not in the middle of the first video: a batch of one is a
+            # specialisation of its own, and a second size turns sizes symbolic (one graph for every level / batch).
+            # Sizes are unequal (equal ones would be assumed equal ever after), small and large (Inductor's CPU code
+            # differs below and above 4096 values a sample), and the floats are the run's own (a float is a constant
+            # of the graph).
+            for batch, height, width in ((3, 16, 20), (2, 17, 23), (1, 16, 20), (3, 40, 61), (2, 43, 67), (1, 40, 61)):
+                u = torch.rand(batch, 2, height, width, device=device_type)
+                plane = torch.rand(batch, height, width, device=device_type)
+                live = torch.ones(batch, dtype=torch.bool, device=device_type)
+                step(u, u.clone(), u.clone(), u.clone(), plane, plane + 1, live, l_t, taut, theta)
+                median(u, live, 5, _median_network(25))
         except Exception as err:  # noqa: BLE001 - any compiler failure: same results without compiling
             first = (str(err).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"torch.compile failed on {device_type} ({type(err).__name__}: {first}); the TV-L1 solver "
@@ -377,8 +384,8 @@ class _Steps:
 
 
 @functools.lru_cache(maxsize=4)
-def _steps(compiled: bool, device_type: str) -> _Steps:
-    return _Steps(compiled, device_type)
+def _steps(compiled: bool, device_type: str, l_t: float, taut: float, theta: float) -> _Steps:
+    return _Steps(compiled, device_type, l_t, taut, theta)
 
 
 def _solve_scale_fused(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TVL1Params, steps: _Steps,
@@ -413,7 +420,8 @@ def _solve_scale_fused(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, para
             if params.medianFiltering > 1:
                 work[0] = steps.median(work[0], live, params.medianFiltering, network)
             for inner in range(params.innerIterations):
-                work[0], work[1], work[2], live = steps.step(*work, live, l_t, taut, params.theta, scaled_epsilon)
+                work[0], work[1], work[2], error = steps.step(*work, live, l_t, taut, params.theta)
+                live = live & (error > scaled_epsilon)  # OpenCV applies the last update, then stops
                 if (inner + 1) % check_every and inner + 1 < params.innerIterations:
                     continue
                 if bool(live.all()):
@@ -470,7 +478,9 @@ def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params =
             u = _solve_scale(i0, i1, u, params)
         else:
             every = check_every or (1 if prev.device.type == "cpu" else 10)
-            u = _solve_scale_fused(i0, i1, u, params, _steps(solver == "compiled", prev.device.type), every)
+            steps = _steps(solver == "compiled", prev.device.type, params.lambda_ * params.theta,
+                           params.tau / params.theta, params.theta)
+            u = _solve_scale_fused(i0, i1, u, params, steps, every)
         if level == 0:
             break
         finer = sizes[level - 1]
