@@ -17,9 +17,11 @@ import h5py
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
 from pipeline.flow import backend_metadata, make_backend, resolve_backend
+from pipeline.lock import DirectoryLock
 from pipeline.runner import run_tasks
-from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
-                            prepare_output, shard_name, write_manifest)
+from pipeline.store import (DamagedError, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
+                            open_shard, prepare_output, shard_name, write_manifest)
+from pipeline.verify import Damage, set_aside_damaged
 from pipeline.tvl1_params import TVL1Params
 
 # Flow is stored as int16 hundredths of a pixel with gzip: |error| <= 0.005 px per component (<= 0.0071 px in
@@ -80,14 +82,17 @@ def process_shard(task: ShardTask) -> ShardResult:
     path = task.out_dir / shard_name(task.index)
     keep: dict[str, str] = {}  # video id -> key of a finished video in the existing shard
     if path.exists():
-        with h5py.File(path, "r") as f:
-            failed = f.attrs.get("failures", "[]") != "[]"
-            if not (task.retry_failed and failed):
-                return _existing_result(task.index, f)
-            keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
+        with open_shard(path) as f:
+            try:
+                failed = f.attrs.get("failures", "[]") != "[]"
+                if not (task.retry_failed and failed):
+                    return _existing_result(task.index, f)
+                keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
+            except (OSError, KeyError, ValueError) as exc:
+                raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
     backend = make_backend(task.cfg.backend, task.cfg.tvl1, device=task.cfg.device, batch_size=task.cfg.batch_size)
     ok = frames_done = 0
-    source = h5py.File(path, "r") if keep else None
+    source = open_shard(path) if keep else None
     try:
         with ShardWriter(path, task.schema, task.index) as writer:
             for record in task.records:
@@ -126,6 +131,7 @@ class ExtractSummary:
     videos_ok: int
     failures: tuple[dict[str, str], ...]
     frames_decoded: int
+    repaired: tuple[Damage, ...] = ()  # damage found by --repair in shards that were then recomputed
 
 
 def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple[VideoRecord, ...]]:
@@ -138,21 +144,28 @@ def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple
 
 def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs: int = 1,
                  scheduler: str | None = None, overwrite: bool = False, retry_failed: bool = False,
-                 progress: bool = True) -> ExtractSummary:
-    """Run the stage over a dataset index; see the module docstring for the guarantees."""
+                 repair: bool = False, progress: bool = True) -> ExtractSummary:
+    """Run the stage over a dataset index; see the module docstring for the guarantees.
+
+    The run holds ``out_dir``'s lock (:mod:`pipeline.lock`) throughout. ``repair`` first verifies every complete
+    shard (:mod:`pipeline.verify`) and sets the damaged ones aside, so exactly those are recomputed.
+    """
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
     cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend))
     schema = cfg.schema()
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
-    prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan], overwrite=overwrite)
-    tasks = [ShardTask(i, out_dir, shard, cfg, schema, retry_failed) for i, shard in enumerate(plan)]
-    results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
-                        frames_of=lambda r: r.frames, progress=progress)
-    write_manifest(out_dir)
+    with DirectoryLock(out_dir):
+        prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
+                       overwrite=overwrite)
+        repaired = tuple(set_aside_damaged(out_dir)) if repair else ()
+        tasks = [ShardTask(i, out_dir, shard, cfg, schema, retry_failed) for i, shard in enumerate(plan)]
+        results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
+                            frames_of=lambda r: r.frames, progress=progress)
+        write_manifest(out_dir)
     return ExtractSummary(out_dir, cfg.backend, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results))
+                          sum(r.frames for r in results), repaired)
 
