@@ -334,10 +334,12 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
 @click.option("--max-missing", type=click.FloatRange(0, 1), default=0.05, show_default=True,
               help="largest fraction of planned videos that may be absent from the shards")
+@click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
+              help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
 def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, init: Path | None, resume: bool,
-              compile_: bool, max_missing: float) -> None:
+              compile_: bool, max_missing: float, max_bad_videos: int) -> None:
     """Train a network on SHARD_DIR (build-rgbf output); checkpoints, metrics.csv and curves.png go to --out.
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
@@ -355,7 +357,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
                           input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                           workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
                           batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
-                          compile=compile_, max_missing=max_missing)
+                          compile=compile_, max_missing=max_missing, max_bad_videos=max_bad_videos)
         results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
     except (TrainError, DataError, StoreError, CheckpointError, ValueError) as err:
         raise click.ClickException(str(err)) from None
@@ -399,6 +401,7 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     from model.checkpoint import CheckpointError
     from model.evaluate import EvaluationError, evaluate_run, parse_splits
     from model.fusion import fuse_runs, parse_weights
+    from pipeline.store import StoreError
 
     try:
         split_list = parse_splits(splits)
@@ -413,7 +416,7 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
             summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
                                    clips=clips, crops=int(crops), batch_size=batch_size, device=device,
                                    workers=workers, feature_layer=feature_layer)
-    except (EvaluationError, CheckpointError, ValueError) as err:
+    except (EvaluationError, CheckpointError, StoreError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=1))
