@@ -251,8 +251,8 @@ def test_missing_dataset_json_is_checked_against_the_shards(dirs, tmp_path: Path
     assert same.shards_skipped == 2 and (flow / "dataset.json").exists()
 
 
-def _in_tmpfs(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` (sh) with a real 2 MB tmpfs at ``tmp_path/disk``, in a private user+mount namespace."""
+def _in_tmpfs(tmp_path: Path, script: str, size: str = "2m") -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) with a real tmpfs of ``size`` at ``tmp_path/disk``, in a private user+mount namespace."""
     if not shutil.which("unshare"):
         pytest.skip("needs unshare(1) for a private tmpfs")
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
@@ -260,7 +260,7 @@ def _in_tmpfs(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
         pytest.skip("this system refuses unprivileged user namespaces, so no private tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    full = f"set -u; mount -t tmpfs -o size=2m tmpfs {disk}\n" + script
+    full = f"set -u; mount -t tmpfs -o size={size} tmpfs {disk}\n" + script
     return subprocess.run(["unshare", "-rm", "sh", "-c", full], env=ENV, capture_output=True, text=True, cwd=REPO)
 
 
@@ -336,3 +336,74 @@ def test_an_impossible_output_path_is_one_line(tmp_path: Path) -> None:
     target.write_text("not a directory")
     with pytest.raises(StoreError, match=r"file/out: cannot write \(Not a directory\)"):
         prepare_output(target / "out", Schema("flow", 1, 1, ()), {}, [])
+
+
+def test_training_on_a_full_disk_keeps_its_checkpoints_and_resumes(tmp_path: Path) -> None:
+    from test_train import write_toy_shards
+
+    shards = write_toy_shards(tmp_path / "shards")
+    disk, log = tmp_path / "disk", tmp_path / "log"
+    train = " ".join(_cli("train", str(shards), "--model", "c3d-b5", "--out", str(disk / "run"), "--clip", "16x16x16",
+                          "--epochs", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--lr", "0.01"))
+    epochs = (f"{sys.executable} -c \"from model.checkpoint import load_checkpoint as l; "
+              f"print(l('{disk}/run/best.pt')['epoch'], l('{disk}/run/last.pt')['epoch'])\"")
+    evaluate = " ".join(_cli("evaluate", str(disk / "run"), "--splits", "1", "--checkpoint", str(disk / "run/best.pt"),
+                             "--clips", "1", "--crops", "1", "--device", "cpu"))
+    # 200 MB holds the two 75 MB checkpoints of epoch 1 but not a third file beside them during epoch 2
+    result = _in_tmpfs(tmp_path, f"""
+        {train} >{log}.full.out 2>{log}.full.err; echo $? >{log}.full.rc
+        {epochs} >{log}.epochs1; ls {disk}/run >{log}.ls
+        mount -o remount,size=400m {disk}
+        {train} --resume >{log}.resume.out 2>{log}.resume.err; echo $? >{log}.resume.rc
+        {epochs} >{log}.epochs2
+        mount -o remount,ro {disk}
+        {evaluate} >{log}.ro.out 2>{log}.ro.err; echo $? >{log}.ro.rc
+        """, size="200m")
+    assert result.returncode == 0, result.stderr
+
+    def read(name: str) -> str:
+        return Path(f"{log}.{name}").read_text()
+
+    assert read("full.rc").strip() == "1"
+    errors = [line for line in read("full.err").splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "cannot write (No space left on device); the previous" in errors[0], read("full.err")
+    assert "Traceback" not in read("full.err")
+    assert read("epochs1").split() == ["1", "1"]  # both checkpoints of epoch 1 intact
+    assert ".tmp." not in read("ls")
+    assert read("resume.rc").strip() == "0", read("resume.err")
+    best, last = read("epochs2").split()
+    assert last == "2" and best in ("1", "2")
+    assert read("ro.rc").strip() == "1" and "Traceback" not in read("ro.err")
+    errors = [line for line in read("ro.err").splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Read-only file system" in errors[0] and str(disk / "run" / "eval") in errors[0]
+
+
+def test_build_rgbf_inspect_and_demo_data_on_a_full_then_read_only_disk(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "data", per_class=3, frames=40)
+    flow = tmp_path / "flow"
+    extract_flow(index_dataset("folder", root), flow, _cfg(per_shard=1), progress=False)
+    disk, log = tmp_path / "disk", tmp_path / "log"
+    build = " ".join(_cli("build-rgbf", str(flow), str(disk / "train"), "--storage", "raw"))
+    commands = {
+        "build": build,
+        "strip": " ".join(_cli("inspect", str(flow), "--video", "down/down0", "--out", str(disk / "s.png"))),
+        "npz": " ".join(_cli("inspect", str(flow), "--video", "down/down0", "--npz", str(disk / "v.npz"))),
+    }
+    script = f"{build} >{log}.full.out 2>{log}.full.err; echo $? >{log}.full.rc\nmount -o remount,ro {disk}\n"
+    script += "".join(f"{cmd} >{log}.{name}.out 2>{log}.{name}.err; echo $? >{log}.{name}.rc\n"
+                      for name, cmd in commands.items())
+    script += f"mount -o remount,rw,size=64m {disk}\n"
+    script += f"{build} >{log}.resume.out 2>{log}.resume.err; echo $? >{log}.resume.rc\n"
+    result = _in_tmpfs(tmp_path, script)
+    assert result.returncode == 0, result.stderr
+
+    def read(name: str) -> str:
+        return Path(f"{log}.{name}").read_text()
+
+    for name, reason in [("full", "No space left on device")] + [(n, "Read-only file system") for n in commands]:
+        err = read(f"{name}.err")
+        assert read(f"{name}.rc").strip() == "1" and "Traceback" not in err and "Exception ignored" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and reason in errors[0] and str(disk) in errors[0], (name, err)
+    assert read("resume.rc").strip() == "0", read("resume.err")
+    assert "already complete" in read("resume.out")
