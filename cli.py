@@ -261,8 +261,8 @@ def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Pa
             raise click.ClickException(str(err)) from None
         for d in damage:
             click.echo(f"DAMAGED {d}")
-        shards = sorted({d.shard for d in damage})
-        click.echo(f"{shard_dir}: {len(shards)} damaged shard(s)" if damage else f"{shard_dir}: every stored array "
+        damaged = {d.shard for d in damage}
+        click.echo(f"{shard_dir}: {len(damaged)} damaged shard(s)" if damage else f"{shard_dir}: every stored array "
                    "matches its checksum", err=bool(damage))
         raise SystemExit(1 if damage else 0)
     try:

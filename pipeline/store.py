@@ -311,7 +311,7 @@ class ShardWriter:
     def __init__(self, path: Path, schema: Schema, shard_index: int):
         self.path = Path(path)
         self.schema = schema
-        self._output = atomic_output(self.path)
+        self._output = atomic_output(self.path)  # entered and left by hand: it spans this writer's own with-block
         self.tmp = self._output.__enter__()
         self._file: h5py.File | None = None
         self._failures: list[dict[str, str]] = []
@@ -520,9 +520,9 @@ class ShardSet:
         video = video_id if isinstance(video_id, VideoEntry) else self.video(video_id)
         spec = self.schema.field(name)
         where = f"{self.root / video.shard}: video {video.video_id!r}, field {name!r}"
+        handle = self._handle(video.shard)  # a shard that does not open names itself
         try:
-            group = self._handle(video.shard)["videos"][video.key]
-            raw = read_checked(group, spec, start, stop, index)
+            raw = read_checked(handle["videos"][video.key], spec, start, stop, index)
         except (OSError, KeyError) as exc:
             raise DamagedError(f"{where}: {os_reason(exc)}") from None
         except DamagedError as exc:
