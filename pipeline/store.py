@@ -58,6 +58,8 @@ def os_reason(exc: BaseException) -> str:
     if errno_:
         return os.strerror(errno_)
     text = str(exc).strip()
+    if "filter returned failure during read" in text:  # HDF5's words for a fletcher32 mismatch
+        return "stored data fails its fletcher32 checksum"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
