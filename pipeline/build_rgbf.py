@@ -192,8 +192,9 @@ def _up_to_date(source: Path, output: Path) -> bool:
     return output.exists() and output.stat().st_mtime_ns >= source.stat().st_mtime_ns
 
 
-def _read(handle: h5py.File, spec: FieldSpec, video: VideoEntry, start: int, stop: int) -> np.ndarray:
-    return decode_field(spec, read_checked(handle["videos"][video.key], spec, start, stop))
+def _read(handle: h5py.File, spec: FieldSpec, video: VideoEntry, start: int, stop: int,
+          checksums: bool) -> np.ndarray:
+    return decode_field(spec, read_checked(handle["videos"][video.key], spec, start, stop, checksums=checksums))
 
 
 def _video_frames(handle: h5py.File, task: ShardTask, video: VideoEntry) -> dict[str, np.ndarray]:
@@ -209,9 +210,11 @@ def _video_frames(handle: h5py.File, task: ShardTask, video: VideoEntry) -> dict
     out = {name: np.empty((video.n_frames, task.schema.height, task.schema.width, 3), np.uint8) for name in names}
     for start in range(0, video.n_frames, CHUNK_FRAMES):
         stop = min(start + CHUNK_FRAMES, video.n_frames)
-        rgb = _read(handle, rgb_spec, video, start, stop)
+        checksums = task.source_schema.version >= 2
+        rgb = _read(handle, rgb_spec, video, start, stop, checksums)
         first = int(pairing[start])
-        flow = _read(handle, flow_spec, video, first, int(pairing[stop - 1]) + 1)[pairing[start:stop] - first]
+        flow = _read(handle, flow_spec, video, first, int(pairing[stop - 1]) + 1, checksums)
+        flow = flow[pairing[start:stop] - first]
         for name, frames in training_frames(rgb, flow, tuple(names), task.flow_bound).items():
             out[name][start:stop] = frames
     return out

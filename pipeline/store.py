@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 FORMAT_VERSION = 2  # 2: fletcher32 on raw arrays, CRC-32 per JPEG frame
+READABLE_VERSIONS = (1, 2)  # version 1 (no checksums) still reads, so days of computed flow stay usable
 SCHEMA_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.h5"
@@ -280,8 +281,9 @@ def load_dataset_meta(root: Path) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise DamagedError(f"{meta_path}: unreadable (no schema in it)")
     version = schema.get("version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{meta_path}: format version {version}, this asym3d reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"{meta_path}: format version {version}, this asym3d reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     return meta
 
 
@@ -484,9 +486,9 @@ class ShardSet:
         if raw is None:
             raise StoreError(f"{path}: not an asym3d shard (no schema attribute)")
         stored = json.loads(raw)
-        if stored.get("version") != FORMAT_VERSION:
+        if stored.get("version") not in READABLE_VERSIONS:
             raise StoreError(f"{path}: format version {stored.get('version')}, "
-                             f"this asym3d reads version {FORMAT_VERSION}")
+                             f"this asym3d reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         if stored != json.loads(json.dumps(self.schema.to_dict())):
             raise StoreError(f"{path}: schema differs from {self.root / SCHEMA_FILE} (shard of another run)")
 
@@ -524,7 +526,8 @@ class ShardSet:
         where = f"{self.root / video.shard}: video {video.video_id!r}, field {name!r}"
         handle = self._handle(video.shard)  # a shard that does not open names itself
         try:
-            raw = read_checked(handle["videos"][video.key], spec, start, stop, index)
+            raw = read_checked(handle["videos"][video.key], spec, start, stop, index,
+                               checksums=self.schema.version >= 2)
         except (OSError, KeyError) as exc:
             raise DamagedError(f"{where}: {os_reason(exc)}") from None
         except DamagedError as exc:
@@ -564,11 +567,12 @@ def open_shard(path: Path | str) -> h5py.File:
 
 
 def read_checked(group: h5py.Group, spec: FieldSpec, start: int = 0, stop: int | None = None,
-                 index: Iterable[int] | None = None) -> Any:
+                 index: Iterable[int] | None = None, *, checksums: bool = True) -> Any:
     """Stored values of one field of one video group (frames ``start:stop`` or ``index``), checksums checked.
 
     Raw arrays: h5py raises OSError when a chunk fails its fletcher32 checksum. JPEG frames: each frame's CRC-32 is
-    compared here; a mismatch raises :class:`DamagedError` naming the frame.
+    compared here; a mismatch raises :class:`DamagedError` naming the frame. ``checksums=False`` reads format
+    version 1 shards, which have none.
     """
     ds = group[spec.name]
     if index is not None:
@@ -582,7 +586,7 @@ def read_checked(group: h5py.Group, spec: FieldSpec, start: int = 0, stop: int |
         raw = ds[start:stop]
         frames = np.arange(len(ds))[start:stop]
         order = np.arange(len(frames))
-    if spec.encoding == "jpeg":
+    if spec.encoding == "jpeg" and checksums:
         crcs = group[spec.name + CRC_SUFFIX][frames.tolist()] if len(frames) else []
         for position, i in enumerate(order):
             if frame_crc(raw[position]) != crcs[i]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.store import (SHARD_GLOB, DamagedError, Schema, load_dataset_meta, os_reason, read_checked,
-                            write_error)
+from pipeline.store import (SHARD_GLOB, DamagedError, Schema, StoreError, load_dataset_meta, os_reason,
+                            read_checked, write_error)
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -73,6 +73,9 @@ def verify_dir(root: Path) -> list[Damage]:
     """Damage in every complete shard of a stage output directory (dataset.json must be readable)."""
     root = Path(root)
     schema = Schema.from_dict(load_dataset_meta(root)["schema"])
+    if schema.version < 2:
+        raise StoreError(f"{root}: format version {schema.version} shards carry no checksums, so they cannot be "
+                         "verified (they still read; rebuild them with --overwrite to add checksums)")
     return [d for path in sorted(root.glob(SHARD_GLOB)) for d in verify_shard(path, schema)]
 
 

@@ -407,3 +407,26 @@ def test_build_rgbf_inspect_and_demo_data_on_a_full_then_read_only_disk(tmp_path
         assert len(errors) == 1 and reason in errors[0] and str(disk) in errors[0], (name, err)
     assert read("resume.rc").strip() == "0", read("resume.err")
     assert "already complete" in read("resume.out")
+
+
+def test_format_1_shards_without_checksums_still_read_but_cannot_be_verified(dirs, tmp_path: Path) -> None:
+    _, flow_src, train_src = dirs
+    flow, train = tmp_path / "flow", tmp_path / "train"
+    for src, dst in ((flow_src, flow), (train_src, train)):  # as version 1 wrote them: no CRC arrays, version 1
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "dataset.json").read_text())
+        meta["schema"]["version"] = 1
+        (dst / "dataset.json").write_text(json.dumps(meta))
+        for shard in dst.glob("shard-*.h5"):
+            with h5py.File(shard, "a") as f:
+                f.attrs["asym3d_schema"] = json.dumps(meta["schema"])
+                for group in f["videos"].values():
+                    for name in [n for n in group if n.endswith(CRC_SUFFIX)]:
+                        del group[name]
+    from pipeline.store import ShardSet
+
+    assert ShardSet(train).read("down/down0", "rgbf").shape == (5, H, W, 3)
+    assert build_rgbf(flow, tmp_path / "new", BuildConfig(), progress=False).videos_ok == 4  # v1 input, v2 output
+    assert verify_dir(tmp_path / "new") == []
+    result = CliRunner().invoke(main, ["inspect", str(train), "--verify"])
+    assert result.exit_code == 1 and "format version 1 shards carry no checksums" in result.output
