@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 # torch is pinned so pip takes the CPU wheel that lies on disk here (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_out
+# The device check (bench/gpu_check.py): inputs made here, carried to a GPU machine, run there with its own python3.
+GPU_INPUTS ?= .gpu_check
+GPU_OUT ?= gpu_check_out
+GPU_SITE ?= /tmp/asym3d-gpu-site
+# The one package the check needs that the device image lacks (training shards are JPEG), for its Python 3.12.
+GPU_WHEELS ?= simplejpeg==1.9.0
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean gpu-check-inputs gpu-check
 
 setup: $(VENV)/.installed
 
@@ -23,5 +29,16 @@ test: setup
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh $(DEMO_DIR)
 
+gpu-check-inputs: setup
+	$(BIN)/python bench/gpu_check.py --prepare $(GPU_INPUTS)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 -d $(GPU_INPUTS)/wheels $(GPU_WHEELS)
+	du -sh $(GPU_INPUTS)
+
+# No .venv: the device's python3 has torch with CUDA; the wheels go to a scratch site-packages.
+gpu-check:
+	python3 -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_INPUTS)/wheels/*.whl
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --inputs $(GPU_INPUTS) --out $(GPU_OUT)
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) $(GPU_OUT) *.egg-info

@@ -1,12 +1,39 @@
 """The `asym3d` command line: thin click commands that validate input and call one library function each."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
+from pipeline.errors import Asym3dError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+
+class _Group(click.Group):
+    """Turns the project's own errors (:class:`Asym3dError`) into click's one-line "Error: ..." with exit status 1.
+    Nothing else is caught: any other exception is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Asym3dError as err:
+            raise click.ClickException(str(err)) from None
+
+
+class _Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: they pass every range comparison and then poison the output
+    (all-zero flow, NaN weights)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="asym3d")
 def main() -> None:
     """asym3d: raw action videos to per-split accuracy tables with asymmetric 3D CNNs.
@@ -37,19 +64,16 @@ def models_cmd(
 
     import model
 
-    try:
-        if markdown:
-            click.echo(model.markdown_table(num_classes=num_classes, clip=clip), nl=False)
-        elif layers_of:
-            layers = model.layer_costs(layers_of, num_classes=num_classes, clip=clip)
-            text = json.dumps([r.as_dict() for r in layers], indent=1) + "\n" if as_json else model.layer_table(layers)
-            click.echo(text, nl=False)
-        else:
-            rows = model.model_summary(num_classes=num_classes, clip=clip)
-            text = json.dumps([r.as_dict() for r in rows], indent=1) + "\n" if as_json else model.summary_table(rows)
-            click.echo(text, nl=False)
-    except (KeyError, ValueError) as err:  # unknown network name, clip too small for the pools
-        raise click.ClickException(str(err)) from None
+    if markdown:
+        click.echo(model.markdown_table(num_classes=num_classes, clip=clip), nl=False)
+    elif layers_of:
+        layers = model.layer_costs(layers_of, num_classes=num_classes, clip=clip)
+        text = json.dumps([r.as_dict() for r in layers], indent=1) + "\n" if as_json else model.layer_table(layers)
+        click.echo(text, nl=False)
+    else:
+        rows = model.model_summary(num_classes=num_classes, clip=clip)
+        text = json.dumps([r.as_dict() for r in rows], indent=1) + "\n" if as_json else model.summary_table(rows)
+        click.echo(text, nl=False)
 
 
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -75,8 +99,39 @@ def _runner_options(func):
 
 
 def _check_runner(jobs: int, scheduler: str | None) -> None:
+    """Refuse contradicting options, and reach the scheduler before anything is written."""
+    from pipeline.runner import check_scheduler
+
     if scheduler and jobs != 1:
         raise click.UsageError("give --jobs or --scheduler, not both")
+    check_scheduler(scheduler)
+
+
+def _parse_classes(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    """'A,B' or '@FILE' (one name per line) -> ['A', 'B']."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        try:
+            names = Path(value[1:]).read_text(encoding="utf-8").split()
+        except OSError as exc:
+            raise click.BadParameter(f"{value[1:]}: cannot read ({exc.strerror or exc})") from None
+    else:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter(f"{value!r} names no class")
+    return names
+
+
+def _parse_max_failures(ctx: click.Context, param: click.Parameter, value: str) -> int | float:
+    """'10' -> 10 videos; '0.2' -> a fifth of the videos."""
+    try:
+        number = int(value) if value.isdigit() else float(value)
+    except ValueError:
+        number = math.nan
+    if isinstance(number, float) and not 0 <= number <= 1:  # NaN fails too
+        raise click.BadParameter(f"{value!r} is neither a count (10) nor a fraction from 0 to 1 (0.2)")
+    return number
 
 
 def _echo_failures(failures) -> None:
@@ -116,7 +171,7 @@ def _tvl1_options(func):
 
     defaults = TVL1Params()
     for flag, name, kind, text in reversed(_TVL1_OPTIONS):
-        func = click.option(flag, name, type=kind, default=getattr(defaults, name), show_default=True,
+        func = click.option(flag, name, type=_Finite() if kind is float else kind, default=getattr(defaults, name), show_default=True,
                             help=f"TV-L1: {text}")(func)
     return func
 
@@ -132,19 +187,31 @@ def _tvl1_options(func):
 @click.option("--categories-file", type=_existing_path(dir_okay=False), help="FCVID: the 239 category names")
 @click.option("--keep-file", type=_existing_path(dir_okay=False),
               help="FCVID: keep/drop decision per category [default: the reviewed list shipped with asym3d]")
+@click.option("--classes", callback=_parse_classes, metavar="NAME,NAME|@FILE",
+              help="only these classes (FCVID: categories), labelled 0..K-1 in the official order")
+@click.option("--max-missing", type=_Finite(0, 1), default=0.5, show_default=True,
+              help="share of a split's listed videos that may be missing on disk (1: any, for partial downloads)")
+@click.option("--max-failures", default="0.5", show_default=True, callback=_parse_max_failures,
+              help="failed videos after which the run stops: a count (10) or a fraction of the videos (0.2)")
 @click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="decoded frame size HxW")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), help="resample to this frame rate")
+@click.option("--fps", type=_Finite(min=0, min_open=True),
+              help="resample to this constant frame rate [default: keep the source's own frames]")
 @click.option("--max-frames", type=click.IntRange(min=2), default=20000, show_default=True,
               help="frames decoded per video at most")
-@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+@click.option("--timeout", type=_Finite(min=1), default=600, show_default=True,
               help="seconds before ffmpeg is stopped on one video")
 @click.option("--backend", type=click.Choice(["auto", "cuda", "cpu", "torch", "dis", "farneback"]), default="auto",
               show_default=True,
               help="auto: OpenCV CUDA TV-L1 if OpenCV has CUDA, else the torch TV-L1 on a CUDA GPU, else OpenCV CPU "
                    "TV-L1. cuda/cpu/torch are TV-L1; dis and farneback are fast NON-TV-L1 flows (recorded as such)")
 @click.option("--device", help="torch backend: cuda, cuda:1 or cpu [default: cuda if available]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="torch backend: frame pairs per batch (bounds GPU memory)")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="torch backend: frame pairs per batch, pooled across videos (bounds device memory) [default: 32 "
+                   "on a CPU; on a GPU 1024 at 171x128, scaled by frame area]")
+@click.option("--solver", type=click.Choice(["auto", "eager", "fused", "compiled"]), default="auto", show_default=True,
+              help="torch backend: eager (the reference: finished pairs leave the batch), fused (stopping flags kept "
+                   "on the device), compiled (fused through torch.compile; compile time is printed once and cached "
+                   "between runs); auto = compiled on a GPU, eager on a CPU")
 @_tvl1_options
 @click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
 @_runner_options
@@ -152,44 +219,44 @@ def _tvl1_options(func):
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_file, categories_file, keep_file,
-                     size, fps, max_frames, timeout, backend, device, batch_size, videos_per_shard, jobs, scheduler,
-                     retry_failed, repair, overwrite, **tvl1) -> None:
+                     classes, max_missing, max_failures, size, fps, max_frames, timeout, backend, device, batch_size,
+                     solver, videos_per_shard, jobs, scheduler, retry_failed, repair, overwrite, **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
-    video missing on disk is skipped with a warning (an error if over half of a split is missing). Bad videos
-    (corrupt, truncated, empty, not a video) are recorded as failures and the rest goes on; the exit status is 1
-    when any video failed. A rerun skips complete shards.
+    video missing on disk is skipped with a warning (an error if more than --max-missing of a split is missing).
+    Bad videos (corrupt, truncated, empty, not a video, a backend error) are recorded as failures and the rest goes
+    on, up to --max-failures; the exit status is 1 when any video failed. A rerun skips complete shards.
     """
-    from pipeline.datasets import DatasetError, index_dataset
+    from pipeline.datasets import index_dataset
     from pipeline.decode import DecodeConfig
     from pipeline.extract import ExtractConfig, extract_flow
-    from pipeline.flow import resolve_backend
-    from pipeline.store import StoreError
     from pipeline.tvl1_params import TVL1Params
 
+    cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
+                                            timeout_s=timeout),
+                        backend=backend, tvl1=TVL1Params(**tvl1), device=device, batch_size=batch_size,
+                        solver=solver, videos_per_shard=videos_per_shard)
     _check_runner(jobs, scheduler)
-    try:
-        index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file,
-                              categories_file=categories_file, keep_file=keep_file)
-        for warning in index.warnings[:10]:
-            click.echo(f"warning: {warning}", err=True)
-        if len(index.warnings) > 10:
-            click.echo(f"warning: ... {len(index.warnings) - 10} more skipped lines", err=True)
-        cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
-                                                timeout_s=timeout),
-                            backend=resolve_backend(backend), tvl1=TVL1Params(**tvl1), device=device,
-                            batch_size=batch_size, videos_per_shard=videos_per_shard)
-        click.echo(f"{index.kind}: {len(index.records)} videos, {len(index.classes)} classes; "
-                   f"flow backend: {cfg.backend}", err=True)
-        summary = extract_flow(index, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite,
-                               retry_failed=retry_failed, repair=repair)
-    except (DatasetError, StoreError, ValueError, RuntimeError) as err:
-        raise click.ClickException(str(err)) from None
+    index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file, categories_file=categories_file,
+                          keep_file=keep_file, classes=classes, max_missing=max_missing)
+    for warning in index.warnings[:10]:
+        click.echo(f"warning: {warning}", err=True)
+    if len(index.warnings) > 10:
+        click.echo(f"warning: ... {len(index.warnings) - 10} more (skipped lines and entries)", err=True)
+    of = index.extra.get("official_classes")
+    missing = "; ".join(f"split {s}: {m} of {n} listed videos missing" for s, (m, n) in index.missing.items() if m)
+    click.echo(f"{index.kind}: {len(index.records)} videos, {len(index.classes)} classes"
+               f"{f' (of {of})' if of else ''}{f'; {missing}' if missing else ''}; flow backend: {cfg.backend}",
+               err=True)
+    summary = extract_flow(index, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite,
+                           retry_failed=retry_failed, repair=repair, max_failures=max_failures)
+    for warning in summary.warnings:
+        click.echo(f"warning: {warning}", err=True)
     _echo_repaired(summary.repaired)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
                f"{summary.shards_skipped}/{summary.shards_total} shards already complete, "
-               f"{summary.frames_decoded} frames decoded this run")
+               f"{summary.frames_decoded} frames decoded this run; flow by {summary.backend}")
     _echo_failures(summary.failures)
     if summary.failures:
         raise SystemExit(1)
@@ -203,7 +270,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
 @click.option("--storage", type=click.Choice(["jpeg", "lzf", "gzip", "raw"]), default="jpeg", show_default=True,
               help="jpeg: ~0.08x raw size, lossy; lzf/gzip/raw: lossless uint8 (see BENCHMARKS.md)")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
-@click.option("--flow-bound", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+@click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=20.0, show_default=True,
               help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)")
 @_runner_options
 @_repair_option
@@ -216,16 +283,11 @@ def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str,
     skips complete shards. Exit status 1 when any video failed or some input shards are not written yet.
     """
     from pipeline.build_rgbf import BuildConfig, build_rgbf
-    from pipeline.store import StoreError
 
+    cfg = BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
+                      jpeg_quality=jpeg_quality, flow_bound=flow_bound)
     _check_runner(jobs, scheduler)
-    try:
-        cfg = BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
-                          jpeg_quality=jpeg_quality, flow_bound=flow_bound)
-        summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite,
-                             repair=repair)
-    except (StoreError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair)
     _echo_repaired(summary.repaired)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {summary.videos_failed} failed, "
                f"{summary.shards_built} shards built, {summary.shards_skipped}/{summary.shards_planned} already "
@@ -250,32 +312,26 @@ def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Pa
                 verify: bool) -> None:
     """Summarise a shard directory (flow or training shards); render or dump one video; verify checksums."""
     from pipeline.inspect import dump_npz, render_strip, summary_text
-    from pipeline.store import ShardSet, StoreError
+    from pipeline.store import ShardSet
 
     if verify:
         from pipeline.verify import verify_dir
 
-        try:
-            damage = verify_dir(shard_dir)
-        except StoreError as err:
-            raise click.ClickException(str(err)) from None
+        damage = verify_dir(shard_dir)
         for d in damage:
             click.echo(f"DAMAGED {d}")
         damaged = {d.shard for d in damage}
         click.echo(f"{shard_dir}: {len(damaged)} damaged shard(s)" if damage else f"{shard_dir}: every stored array "
                    "matches its checksum", err=bool(damage))
         raise SystemExit(1 if damage else 0)
-    try:
-        shards = ShardSet(shard_dir)
-        click.echo(summary_text(shards))
-        if (out or npz) and not video_id:
-            raise click.UsageError("--out and --npz need --video")
-        if video_id and out:
-            click.echo(f"wrote {render_strip(shards, video_id, out, frames)}")
-        if video_id and npz:
-            click.echo(f"wrote {dump_npz(shards, video_id, npz)}")
-    except (StoreError, KeyError) as err:
-        raise click.ClickException(str(err.args[0] if err.args else err)) from None
+    if (out or npz) and not video_id:
+        raise click.UsageError("--out and --npz need --video")
+    shards = ShardSet(shard_dir)
+    click.echo(summary_text(shards))
+    if video_id and out:
+        click.echo(f"wrote {render_strip(shards, video_id, out, frames)}")
+    if video_id and npz:
+        click.echo(f"wrote {dump_npz(shards, video_id, npz)}")
 
 
 @main.command("make-demo-data")
@@ -296,13 +352,10 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
     Classes differ only by how random textured objects move over random scenes, so a single frame cannot tell
     them apart. A rerun with the same options finishes an interrupted run; other options on the same OUT are refused.
     """
-    from pipeline.demo_data import DemoDataError, make_demo_dataset
+    from pipeline.demo_data import make_demo_dataset
 
-    try:
-        summary = make_demo_dataset(out, classes=classes, videos_per_class=videos_per_class, groups=groups,
-                                    frames=frames, height=size[0], width=size[1], seed=seed)
-    except DemoDataError as err:
-        raise click.ClickException(str(err)) from None
+    summary = make_demo_dataset(out, classes=classes, videos_per_class=videos_per_class, groups=groups,
+                                frames=frames, height=size[0], width=size[1], seed=seed)
     click.echo(f"{summary.root}: {summary.num_videos} videos ({summary.encoded} encoded now), "
                f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
 
@@ -319,7 +372,7 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
                    "8 epochs, 20 epochs, fc8 at 10x lr; none: lr 1e-3 constant, 20 epochs. Options below override")
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1), help="clips per step per process [default: 16]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="learning rate")
+@click.option("--lr", type=_Finite(min=0, min_open=True), help="learning rate")
 @click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
 @click.option("--workers", type=click.IntRange(min=0), help="data loader processes [default: 2]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -327,12 +380,12 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
               help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+@click.option("--dropout", type=_Finite(0, 1, max_open=True),
               help="dropout rate after fc6 and fc7 [default: 0.5, the paper's]")
 @click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
 @click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
-@click.option("--max-missing", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+@click.option("--max-missing", type=_Finite(0, 1), default=0.05, show_default=True,
               help="largest fraction of planned videos that may be absent from the shards")
 @click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
               help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
@@ -344,23 +397,17 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
     """
-    from model.checkpoint import CheckpointError
-    from model.data import DataError
     from model.evaluate import parse_splits
-    from model.train import TrainError, is_main_process, make_config, train, train_splits
-    from pipeline.store import StoreError
+    from model.train import is_main_process, make_config, train, train_splits
 
     if clip[1] != clip[2]:
         raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")
-    try:
-        cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
-                          input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-                          workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
-                          batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
-                          compile=compile_, max_missing=max_missing, max_bad_videos=max_bad_videos)
-        results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
-    except (TrainError, DataError, StoreError, CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
+                      input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                      workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
+                      batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
+                      compile=compile_, max_missing=max_missing, max_bad_videos=max_bad_videos)
+    results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
     for result in results if is_main_process() else []:
         click.echo(f"{result['run_dir']}: best {result['best_on']} accuracy {result['best_acc']:.3f} "
                    f"(epoch {result['best_epoch']}), {result['train_videos']} train / {result['test_videos']} test "
@@ -398,26 +445,24 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     """
     import json
 
-    from model.checkpoint import CheckpointError
-    from model.evaluate import EvaluationError, evaluate_run, parse_splits
+    from model.evaluate import evaluate_run, parse_splits
     from model.fusion import fuse_runs, parse_weights
-    from pipeline.store import StoreError
+    from pipeline.devices import check_device
 
-    try:
-        split_list = parse_splits(splits)
-        if fuse:
-            if len(run_dirs) < 2:
-                raise click.UsageError("--fuse needs two or more runs")
-            weight_list = parse_weights(weights) if weights else None
-            summary = fuse_runs(run_dirs, split_list, weights=weight_list, out=out)
-        else:
-            if len(run_dirs) != 1 or weights:
-                raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
-            summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
-                                   clips=clips, crops=int(crops), batch_size=batch_size, device=device,
-                                   workers=workers, feature_layer=feature_layer)
-    except (EvaluationError, CheckpointError, StoreError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    split_list = parse_splits(splits)
+    if fuse:
+        if len(run_dirs) < 2:
+            raise click.UsageError("--fuse needs two or more runs")
+        weight_list = parse_weights(weights) if weights else None
+        summary = fuse_runs(run_dirs, split_list, weights=weight_list, out=out)
+    else:
+        if len(run_dirs) != 1 or weights:
+            raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
+        if device:
+            check_device(device)
+        summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
+                               clips=clips, crops=int(crops), batch_size=batch_size, device=device,
+                               workers=workers, feature_layer=feature_layer)
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=1))
     else:

@@ -33,9 +33,8 @@ from torch.utils.data import DataLoader
 
 from model import build_model
 from model.data import EpochSampler, TrainClips, channel_statistics, open_training_shards, split_videos
-from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, JPEG_SUBSAMPLING
-from pipeline.decode import DecodeConfig, decode_video
-from pipeline.store import FieldSpec, Schema, ShardWriter, VideoMeta, prepare_output, shard_name
+from pipeline.store import VideoMeta
+from train_shards import write_train_shards
 
 VIDEOS = Path("/work/shared/data/videos")
 BATCH = 16
@@ -43,44 +42,43 @@ BATCH = 16
 
 def write_shards(root: Path, n_videos: int, frames: int) -> Path:
     """``n_videos`` videos of ``frames`` real 128x171 frames (windows of the sample videos) in two JPEG shards."""
+    from pipeline.decode import DecodeConfig, decode_video  # here only: the loader timing itself needs no ffmpeg
+
     sources = [decode_video(path, DecodeConfig(max_frames=400)) for path in sorted(VIDEOS.glob("*.mp4"))]
-    spec = FieldSpec("rgb", 3, encoding="jpeg", quality=DEFAULT_JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING["rgb"])
-    schema = Schema(kind="train", height=128, width=171, fields=(spec,))
-    metas = [VideoMeta(f"v{i:03d}", i % 2, f"class{i % 2}", splits={1: "train"}) for i in range(n_videos)]
-    plan = [[m.video_id for m in metas[::2]], [m.video_id for m in metas[1::2]]]
-    prepare_output(root, schema, {"kind": "bench", "classes": ["class0", "class1"]}, plan)
     rng = np.random.default_rng(0)
-    for index, ids in enumerate(plan):
-        with ShardWriter(root / shard_name(index), schema, index) as writer:
-            for meta in metas:
-                if meta.video_id in ids:
-                    source = sources[int(meta.video_id[1:]) % len(sources)]
-                    start = int(rng.integers(0, len(source) - frames + 1))
-                    writer.add_video(meta, {"rgb": source[start:start + frames]})
-    return root
+    videos = []
+    for i in range(n_videos):
+        source = sources[i % len(sources)]
+        start = int(rng.integers(0, len(source) - frames + 1))
+        meta = VideoMeta(f"v{i:03d}", i % 2, f"class{i % 2}", splits={1: "train"})
+        videos.append((meta, source[start:start + frames]))
+    return write_train_shards(root, videos, ["class0", "class1"])
 
 
 def loader_rate(root: Path, workers: int, batches: int) -> float:
-    """Clips/s of the training DataLoader with ``workers`` processes, after its first batch."""
+    """Clips/s of the training DataLoader with ``workers`` processes, after its first batch.
+
+    The keys of as many epochs as the timed batches need go through one loader: with a small bench set, restarting
+    the loader every epoch would time the workers' pipeline refilling at each epoch boundary, not the loader.
+    """
     shards = open_training_shards(root, "rgb")
     videos = split_videos(shards, 1, "rgb", 0.0).train
     mean, std = channel_statistics(shards, videos, "rgb")
     shards.close()
     data = TrainClips(shards, videos, "rgb", 16, 112, mean, std, seed=0)
-    sampler = EpochSampler(len(data), seed=0)
-    loader = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
-    seen, start, epoch = 0, 0.0, 0
-    while True:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if start == 0.0:
-                start = time.perf_counter()  # from the end of the first batch: worker start-up excluded
-                continue
-            seen += len(batch["label"])
-            if seen >= batches * BATCH:
-                return seen / (time.perf_counter() - start)
-        epoch += 1
+    sampler, keys = EpochSampler(len(data), seed=0), []
+    while len(keys) < (batches + 1) * BATCH:
+        sampler.set_epoch(len(keys) // len(data))
+        keys += list(sampler)
+    loader = DataLoader(data, batch_size=BATCH, sampler=keys[:(batches + 1) * BATCH], num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
+    seen, start = 0, 0.0
+    for batch in loader:
+        if start == 0.0:
+            start = time.perf_counter()  # from the end of the first batch: worker start-up excluded
+            continue
+        seen += len(batch["label"])
+    return seen / (time.perf_counter() - start)
 
 
 def trainer_rate(name: str, clip: tuple[int, int, int], steps: int, device: torch.device) -> float:

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import Asym3dError
 from pipeline.store import StoreError, write_bytes_atomic
 
 REQUIRED_KEYS = ("model_name", "model_kwargs", "model_state", "epoch", "config", "normalization", "classes")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Asym3dError):
     """A checkpoint that is missing, unreadable, or not an asym3d checkpoint; the message names the file."""
 
 
@@ -71,8 +72,13 @@ def build_model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
 
     kwargs = dict(state["model_kwargs"])
     kwargs["clip"] = tuple(kwargs["clip"])
-    net = build_model(state["model_name"], **kwargs)
-    net.load_state_dict(state["model_state"])
+    try:
+        net = build_model(state["model_name"], **kwargs)
+        net.load_state_dict(state["model_state"])
+    except (RuntimeError, TypeError, ValueError) as exc:  # settings edited or from another version than the weights
+        reason = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise CheckpointError(f"a {state['model_name']} checkpoint whose settings {kwargs} do not fit its weights "
+                              f"({reason})") from None
     return net
 
 

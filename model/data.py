@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from pipeline.errors import Asym3dError
 from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, VideoEntry
 
 from .clips import clip_indices, crop, crop_positions, flip_horizontal, to_tensor
@@ -35,7 +36,7 @@ from .clips import clip_indices, crop, crop_positions, flip_horizontal, to_tenso
 MODALITIES = ("rgb", "flow", "rgbf")
 
 
-class DataError(ValueError):
+class DataError(Asym3dError, ValueError):
     """Training shards that cannot serve a run (wrong modality, empty split, too many videos absent)."""
 
 

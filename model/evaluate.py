@@ -28,10 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.devices import check_device
+from pipeline.errors import Asym3dError, ConfigError
 from pipeline.lock import DirectoryLock
 from pipeline.store import ShardSet, StoreError, VideoEntry, atomic_output, read_json, write_text_atomic
 
-from .checkpoint import build_model_from_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from .clips import clip_indices, crop, crop_positions, evenly_spaced_starts, flip_horizontal, to_tensor
 
 CROP_CHOICES = (1, 10)
@@ -39,7 +41,7 @@ METRICS = ("top1", "top5", "mean_class")
 METRIC_TITLES = {"top1": "top-1", "top5": "top-5", "mean_class": "mean class acc."}
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(Asym3dError):
     """An evaluation that cannot run: missing checkpoint, shards without the split's test videos, class mismatch."""
 
 
@@ -143,9 +145,9 @@ class ClipViews(Dataset):
     def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], field_name: str, *, clip_len: int,
                  num_clips: int, crop_size: int, crops: int, mean: Sequence[float], std: Sequence[float]):
         if crops not in CROP_CHOICES:
-            raise ValueError(f"crops must be one of {CROP_CHOICES}, got {crops}")
+            raise ConfigError(f"crops must be one of {CROP_CHOICES}, got {crops}")
         if num_clips < 1:
-            raise ValueError(f"need at least one clip per video, got {num_clips}")
+            raise ConfigError(f"need at least one clip per video, got {num_clips}")
         self.shards, self.field_name = shards, field_name
         self.clip_len, self.crop_size, self.crops = clip_len, crop_size, crops
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -244,6 +246,7 @@ def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | s
     Raises :class:`EvaluationError` when the checkpoint was trained on another split, or the shards hold none of
     the split's test videos or other classes.
     """
+    device = check_device(device or default_device())
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(Path(checkpoint))
     origin = str(checkpoint) if not isinstance(checkpoint, dict) else "(in memory)"
     shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
@@ -268,7 +271,7 @@ def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | s
                       crop_size=int(config.get("crop", clip[1])), crops=crops,
                       mean=state["normalization"]["mean"], std=state["normalization"]["std"])
     net = model if model is not None else build_model_from_checkpoint(state)
-    scored = score_videos(net, views, batch_size=batch_size, device=device or default_device(), workers=workers,
+    scored = score_videos(net, views, batch_size=batch_size, device=device, workers=workers,
                           progress=progress, desc=f"split {split}", feature_layer=feature_layer)
     return SplitResult(split=split, video_ids=[v.video_id for v in videos],
                        labels=np.array([v.label for v in videos], np.int64), scores=scored.scores,
@@ -291,7 +294,10 @@ def resolve_checkpoint(run_dir: Path, split: int, choice: str) -> Path:
     """``best``/``last`` -> ``RUN_DIR/split{N}/{choice}.pt``; anything else is a path. Missing -> EvaluationError."""
     path = run_dir / f"split{split}" / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
     if not path.is_file():
-        raise EvaluationError(f"{path}: no checkpoint for split {split}")
+        single = run_dir / f"{choice}.pt"
+        hint = (f"; {run_dir} is a single-split run (train without --splits): pass --checkpoint {single} and "
+                f"--splits with the split it was trained on" if single.is_file() else "")
+        raise EvaluationError(f"{path}: no checkpoint for split {split}{hint}")
     return path
 
 
@@ -322,8 +328,11 @@ def evaluate_run(run_dir: Path, splits: Sequence[int], *, checkpoints: Sequence[
                 opened[root] = ShardSet(root)
             except StoreError as err:
                 raise EvaluationError(str(err)) from err
-        result = evaluate_split(state, opened[root], split, clips=clips, crops=crops, batch_size=batch_size,
-                                device=device, workers=workers, progress=progress, feature_layer=feature_layer)
+        try:
+            result = evaluate_split(state, opened[root], split, clips=clips, crops=crops, batch_size=batch_size,
+                                    device=device, workers=workers, progress=progress, feature_layer=feature_layer)
+        except CheckpointError as err:  # the checkpoint was passed as loaded, so name its file here
+            raise CheckpointError(f"{path}: {err}") from None
         result.source.update(checkpoint=str(path), choice=choice)
         results.append(result)
     for shards in opened.values():
@@ -449,12 +458,12 @@ def plot_confusion(result: SplitResult, path: Path) -> None:
 
 
 def parse_splits(text: str) -> list[int]:
-    """``"1,2,3"`` -> ``[1, 2, 3]``; ValueError on anything else."""
+    """``"1,2,3"`` -> ``[1, 2, 3]``; ConfigError on anything else."""
     try:
         splits = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"splits must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"splits must be comma-separated integers, got {text!r}") from None
     if not splits or len(set(splits)) != len(splits) or min(splits) < 1:
-        raise ValueError(f"splits must be distinct positive integers, got {text!r}")
+        raise ConfigError(f"splits must be distinct positive integers, got {text!r}")
     return splits
 

@@ -6,10 +6,13 @@ and classes, so anything else is refused rather than silently intersected.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from pipeline.errors import ConfigError
 
 from .evaluate import EvaluationError, SplitResult, load_scores, write_reports
 
@@ -57,11 +60,14 @@ def fuse_results(results: Sequence[SplitResult], weights: Sequence[float] | None
 
 
 def parse_weights(text: str) -> list[float]:
-    """``"1,2"`` -> ``[1.0, 2.0]``; ValueError naming the text otherwise."""
+    """``"1,2"`` -> ``[1.0, 2.0]``; ConfigError naming the text otherwise (NaN or inf would fuse into nonsense)."""
     try:
-        return [float(w) for w in text.split(",")]
+        weights = [float(w) for w in text.split(",")]
     except ValueError:
-        raise ValueError(f"weights must be comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"weights must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"weights must be finite numbers, got {text!r}")
+    return weights
 
 
 def fuse_runs(run_dirs: Sequence[Path], splits: Sequence[int], *, weights: Sequence[float] | None = None,

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.errors import Asym3dError, ConfigError
+
 from .layers import (
     ASYM_3,
     ASYM_5,
@@ -141,7 +143,7 @@ _register(asym3d_spec("asym3d-m2", ("M2", "M2", "M2")))
 _register(asym3d_spec("asym3d-m3", ("M3", "M3", "M3")))
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(Asym3dError, KeyError):
     """An unknown network name; the message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
@@ -170,14 +172,14 @@ def pool_output(size: Shape3, kernel: Shape3, padding: Shape3) -> Shape3:
 
 
 def feature_shape(spec: NetworkSpec, clip: Shape3) -> tuple[int, int, int, int]:
-    """(C, T, H, W) after pool5 for a ``clip`` of (T, H, W); ValueError if a pool would get an empty input."""
+    """(C, T, H, W) after pool5 for a ``clip`` of (T, H, W); ConfigError if a pool would get an empty input."""
     size = tuple(clip)
     if len(size) != 3 or any(s < 1 for s in size):
-        raise ValueError(f"clip must be three positive sizes (T, H, W), got {clip}")
+        raise ConfigError(f"clip must be three positive sizes (T, H, W), got {clip}")
     for stage in spec.stages:
         out = pool_output(size, stage.pool, stage.pool_padding)
         if any(o < 1 for o in out):
-            raise ValueError(
+            raise ConfigError(
                 f"clip {tuple(clip)} is too small for {spec.name}: {stage.name}'s pool {stage.pool} gets "
                 f"{size}; the five pools need at least 16 frames and 16x16 pixels"
             )

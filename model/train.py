@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import build_model, list_models
+from pipeline.errors import Asym3dError
 
 from pipeline.lock import DirectoryLock
 from pipeline.store import atomic_output, write_text_atomic
@@ -62,7 +63,7 @@ RUNTIME_FIELDS = ("shard_dir", "out_dir", "epochs", "workers", "device", "compil
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "clips_per_s", "seconds")
 
 
-class TrainError(ValueError):
+class TrainError(Asym3dError, ValueError):
     """A run that cannot start or continue as asked; the message names the file and the reason."""
 
 
@@ -108,8 +109,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "clip_len", "crop"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0 or self.lr <= 0 or not 0 <= self.max_missing <= 1:
-            raise TrainError("workers must be >= 0, lr > 0 and max_missing in [0, 1]")
+        if self.workers < 0 or not 0 < self.lr < math.inf or not 0 <= self.max_missing <= 1:  # `not`: NaN fails
+            raise TrainError(f"workers must be >= 0, lr a finite number > 0 and max_missing in [0, 1]; got "
+                             f"{self.workers}, {self.lr}, {self.max_missing}")
 
 
 def make_config(schedule: str = "none", **options: Any) -> TrainConfig:

@@ -13,6 +13,7 @@ Storage default (measured by ``bench/storage.py``, table in BENCHMARKS.md): JPEG
 from __future__ import annotations
 
 import json
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.rgbf import (DEFAULT_FLOW_BOUND, FLOW_IMAGE_ENCODING, LAST_FRAME_PAIRING, MODALITIES, RGBF_DEFINITION,
                            RGBFError, paired_flow_index, training_frames)
 from pipeline.lock import DirectoryLock
@@ -68,14 +70,14 @@ class BuildConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be distinct names from {', '.join(MODALITIES)}; "
+            raise ConfigError(f"modalities must be distinct names from {', '.join(MODALITIES)}; "
                              f"got {', '.join(self.modalities) or 'none'}")
         if self.storage not in STORAGE:
-            raise ValueError(f"unknown storage {self.storage!r}; choose from {', '.join(STORAGE)}")
+            raise ConfigError(f"unknown storage {self.storage!r}; choose from {', '.join(STORAGE)}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"JPEG quality must be 1..100, got {self.jpeg_quality}")
-        if not self.flow_bound > 0:
-            raise ValueError(f"flow bound must be positive, got {self.flow_bound}")
+            raise ConfigError(f"JPEG quality must be 1..100, got {self.jpeg_quality}")
+        if not 0 < self.flow_bound < math.inf:
+            raise ConfigError(f"flow bound must be positive, got {self.flow_bound}")
 
 
 def train_schema(source: Schema, cfg: BuildConfig) -> Schema:
@@ -95,7 +97,6 @@ def train_schema(source: Schema, cfg: BuildConfig) -> Schema:
         "rgbf": RGBF_DEFINITION,
         "frame_pairing": LAST_FRAME_PAIRING,
         "source": source.config,
-        "libraries": library_versions(),
     }
     return Schema(kind="train", height=source.height, width=source.width, fields=fields, config=config)
 
@@ -168,7 +169,8 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
     source.close()
     _check_source(flow_dir, source)
     schema = train_schema(source.schema, cfg)
-    prepare_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite)
+    prepare_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite,
+                   recorded={"libraries": library_versions()})
     repaired = set_aside_damaged(out_dir) if repair else []
     by_shard: dict[str, list[VideoEntry]] = {name: [] for name in source.complete_shards}
     for video in source.videos:
@@ -230,7 +232,8 @@ def process_shard(task: ShardTask) -> ShardResult:
     if _up_to_date(Path(task.source), output):  # finished by an earlier run or a retried task
         result.skipped = True
         return result
-    with open_shard(task.source) as handle, ShardWriter(output, task.schema, task.shard_index) as writer:
+    recorded = {"libraries": library_versions()}
+    with open_shard(task.source) as handle, ShardWriter(output, task.schema, task.shard_index, recorded) as writer:
         result.failures.extend(json.loads(handle.attrs.get("failures", "[]")))
         for video in task.videos:
             try:

@@ -18,8 +18,15 @@ Error policy (the CLI repeats it in ``--help``):
   dataset root, or a video put in both train and test of one split raises :class:`DatasetError` naming
   ``file:line``. A wrong split file is a user error; failing fast beats training on a silently wrong split.
 - A line naming a video that is missing on disk is skipped with a warning naming ``file:line`` (one warning per
-  video, at its first line; a few missing downloads should not block a run). If more than half of the videos a
-  split names are missing, the root is almost certainly wrong and :class:`DatasetError` is raised instead.
+  video, at its first line; a few missing downloads should not block a run). If more than ``max_missing`` (default
+  half) of the videos a split names are missing, the root is almost certainly wrong and :class:`DatasetError` is
+  raised instead; ``max_missing=1`` accepts a partial download. A listed ``a.avi`` absent on disk matches ``a.mp4``
+  (any video extension) beside it: re-encoded copies of HMDB-51 and UCF-101 keep the stem (one warning in all).
+- ``classes`` restricts the index to those classes of the official list (a few classes before a full run): lines
+  of other classes are skipped, labels are ``0..K-1`` in official order and ``extra["official_labels"]`` maps each
+  kept class to its label in the full list.
+- An empty split file, an HMDB-51 file without test videos, and folder entries named like videos that are not
+  files (directories, broken or looping links) are warnings; an unreadable directory is a :class:`DatasetError`.
 - ``check_files=False`` skips the disk check, to index split files without the videos.
 """
 from __future__ import annotations
@@ -30,7 +37,9 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+from pipeline.errors import Asym3dError
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
 SUBSETS = ("train", "test")
@@ -44,7 +53,7 @@ _HMDB_SPLIT = re.compile(r"^(.+)_test_split(\d+)\.txt$")
 _HMDB_SUBSET = {"0": None, "1": "train", "2": "test"}
 
 
-class DatasetError(ValueError):
+class DatasetError(Asym3dError, ValueError):
     """A dataset, split or label file is unusable; the message names the file (and line) and the reason."""
 
 
@@ -68,7 +77,8 @@ class VideoRecord:
 @dataclass
 class DatasetIndex:
     """The indexed dataset: ``classes[label]`` is the class name; ``warnings`` lists skipped lines (``file:line:
-    reason``); ``extra`` carries adapter-specific facts to store with the output (FCVID's relabel mapping)."""
+    reason``); ``extra`` carries adapter-specific facts to store with the output (FCVID's relabel mapping, the
+    official labels of a class subset); ``missing`` maps each split to (videos missing on disk, videos listed)."""
 
     kind: str
     root: Path
@@ -76,6 +86,7 @@ class DatasetIndex:
     records: list[VideoRecord]
     warnings: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    missing: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def split(self, split: int, subset: str) -> list[VideoRecord]:
         """The records of one subset (``"train"``/``"test"``) of one split, in index order."""
@@ -94,7 +105,7 @@ def _read_rows(path: Path, delimiter: str | None = None, comments: bool = False)
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read ({exc})") from None
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or (comments and line.startswith("#")):
@@ -149,10 +160,13 @@ class _Entry:
 
 class _Collector:
     """Accumulates split/label lines into records and applies the shared policy: label conflicts and train/test
-    clashes are errors, missing videos are warnings, and a split with mostly missing videos is an error."""
+    clashes are errors, missing videos are warnings, and a split with too many missing videos is an error."""
 
-    def __init__(self, kind: str, root: Path, classes: list[str], check_files: bool) -> None:
+    def __init__(self, kind: str, root: Path, classes: list[str], check_files: bool,
+                 max_missing: float = MAX_MISSING_FRACTION) -> None:
         self.kind, self.root, self.classes, self.check_files = kind, root, classes, check_files
+        self.max_missing = max_missing
+        self.other_extension: list[tuple[str, Path]] = []  # (listed name, file found under another extension)
         self.parse_groups = kind in ("ucf101", "folder")  # UCF-101 style names carry the gXX recording group
         self.entries: dict[str, _Entry] = {}
         self.warnings: list[str] = []
@@ -167,8 +181,7 @@ class _Collector:
         A missing video is warned about once, at its first line, and counted in every split that names it."""
         first_mention = relative not in self._located
         if first_mention:
-            path = _resolve_inside(self.root, relative, where)
-            self._located[relative] = path, (not self.check_files) or path.is_file()
+            self._located[relative] = self._locate(_resolve_inside(self.root, relative, where), relative)
         path, exists = self._located[relative]
         self.named[split] = self.named.get(split, 0) + 1
         if not exists:
@@ -191,18 +204,43 @@ class _Collector:
             if previous != subset:
                 raise DatasetError(f"{where}: {relative} is in both train and test of split {split}")
 
+    def _locate(self, path: Path, relative: str) -> tuple[Path, bool]:
+        """``(path, exists)`` of a listed video; a missing ``a.avi`` becomes an existing ``a.mp4`` (or any other
+        video extension) beside it, since re-encoded copies of the datasets keep the official stems."""
+        if not self.check_files or path.is_file():
+            return path, True
+        for extension in VIDEO_EXTENSIONS:
+            other = path.with_suffix(extension)
+            if other != path and other.is_file():
+                self.other_extension.append((relative, other))
+                return other, True
+        return path, False
+
+    def rows(self, path: Path, delimiter: str | None = None) -> list[tuple[str, list[str]]]:
+        """The rows of a split or label file; an empty file is a warning (it silently meant "no videos")."""
+        rows = list(_read_rows(path, delimiter))
+        if not rows:
+            self.warnings.append(f"{path}: empty file, no videos listed")
+        return rows
+
     def finish(self, sources: str, extra: dict | None = None) -> DatasetIndex:
         """Check the missing-video share per split and build the index (records sorted by label, then id)."""
         for split, named in sorted(self.named.items()):
             missing = self.missing.get(split, 0)
-            if missing > MAX_MISSING_FRACTION * named:
+            if missing > self.max_missing * named:
                 raise DatasetError(f"{sources}: {missing} of {named} videos of split {split} are missing under "
-                                   f"{self.root}; is the dataset root right?")
+                                   f"{self.root} (more than --max-missing {self.max_missing:g}); is the dataset "
+                                   "root right? For a partial download pass --max-missing 1")
         if not self.entries:
             raise DatasetError(f"{sources}: no videos listed")
+        if self.other_extension:
+            listed, found = self.other_extension[0]
+            self.warnings.insert(0, f"{self.root}: {len(self.other_extension)} listed videos found under another "
+                                    f"extension (e.g. {listed} -> {found.name})")  # first: the CLI shows ten
         records = [VideoRecord(vid, e.path, e.label, self.classes[e.label], e.group, dict(sorted(e.splits.items())))
                    for vid, e in sorted(self.entries.items(), key=lambda item: (item[1].label, item[0]))]
-        return DatasetIndex(self.kind, self.root, self.classes, records, self.warnings, extra or {})
+        missing = {split: (self.missing.get(split, 0), named) for split, named in sorted(self.named.items())}
+        return DatasetIndex(self.kind, self.root, self.classes, records, self.warnings, extra or {}, missing)
 
 
 # ------------------------------------------------------------------------------------------------------- adapters
@@ -216,6 +254,23 @@ class _Inputs:
     labels_file: Path | None
     categories_file: Path | None
     keep_file: Path | None
+    classes: tuple[str, ...] | None
+    max_missing: float
+
+
+def _select_classes(official: list[str], wanted: tuple[str, ...] | None, source: str) -> tuple[list[str], dict]:
+    """The classes to index, in official order, and the ``extra`` entry recording a subset's official labels.
+
+    ``wanted`` None keeps every class. A name not in the official list is an error (a typo would otherwise index
+    nothing of that class)."""
+    if wanted is None:
+        return list(official), {}
+    unknown = [name for name in wanted if name not in official]
+    if unknown:
+        raise DatasetError(f"{source}: unknown class {unknown[0]!r} in --classes ({len(official)} classes, e.g. "
+                           f"{', '.join(official[:3])})")
+    kept = [name for name in official if name in set(wanted)]
+    return kept, {"official_labels": {name: official.index(name) for name in kept}, "official_classes": len(official)}
 
 
 def _split_lists(splits_dir: Path) -> dict[int, dict[str, Path]]:
@@ -233,24 +288,27 @@ def _split_lists(splits_dir: Path) -> dict[int, dict[str, Path]]:
     return found
 
 
-def _collect_split_lists(collector: _Collector, splits_dir: Path) -> DatasetIndex:
+def _collect_split_lists(collector: _Collector, splits_dir: Path, official: list[str], extra: dict) -> DatasetIndex:
     """Read UCF-101 style lists: ``<class>/<video> [<1-based class index>]``. The class comes from the path; an
-    index column, where present (UCF-101 trainlists), must agree with it."""
+    index column, where present (UCF-101 trainlists), must agree with its place in ``official``. Lines of classes
+    outside ``collector.classes`` (a --classes subset) are skipped."""
     class_label = {name: label for label, name in enumerate(collector.classes)}
+    official_index = {name: index for index, name in enumerate(official, start=1)}
     for split, files in sorted(_split_lists(splits_dir).items()):
         for subset in SUBSETS:
-            for where, fields in _read_rows(files[subset]):
+            for where, fields in collector.rows(files[subset]):
                 if len(fields) not in (1, 2):
                     raise DatasetError(f"{where}: expected '<class>/<video> [<class index>]', got {fields}")
                 class_name, _ = _class_and_name(fields[0], where)
-                if class_name not in class_label:
+                if class_name not in official_index:
                     raise DatasetError(f"{where}: unknown class {class_name!r}")
-                label = class_label[class_name]
-                if len(fields) == 2 and _parse_int(fields[1], where, "class index") != label + 1:
+                index = official_index[class_name]
+                if len(fields) == 2 and _parse_int(fields[1], where, "class index") != index:
                     raise DatasetError(f"{where}: class index {fields[1]} disagrees with class {class_name!r} "
-                                       f"(index {label + 1} in the class list)")
-                collector.add(where, fields[0], label, split, subset)
-    return collector.finish(str(splits_dir))
+                                       f"(index {index} in the class list)")
+                if class_name in class_label:
+                    collector.add(where, fields[0], class_label[class_name], split, subset)
+    return collector.finish(str(splits_dir), extra)
 
 
 def _index_ucf101(inputs: _Inputs) -> DatasetIndex:
@@ -265,8 +323,9 @@ def _index_ucf101(inputs: _Inputs) -> DatasetIndex:
         if fields[1] in classes:
             raise DatasetError(f"{where}: duplicate class {fields[1]!r}")
         classes.append(fields[1])
-    collector = _Collector("ucf101", inputs.root, classes, inputs.check_files)
-    return _collect_split_lists(collector, inputs.splits_dir)
+    kept, extra = _select_classes(classes, inputs.classes, str(class_file))
+    collector = _Collector("ucf101", inputs.root, kept, inputs.check_files, inputs.max_missing)
+    return _collect_split_lists(collector, inputs.splits_dir, classes, extra)
 
 
 def _index_hmdb51(inputs: _Inputs) -> DatasetIndex:
@@ -283,24 +342,42 @@ def _index_hmdb51(inputs: _Inputs) -> DatasetIndex:
             files.setdefault(match.group(1), []).append((int(match.group(2)), path))
     if not files:
         raise DatasetError(f"{inputs.splits_dir}: no <class>_test_splitN.txt files")
-    classes = sorted(files)
-    collector = _Collector("hmdb51", inputs.root, classes, inputs.check_files)
+    classes, extra = _select_classes(sorted(files), inputs.classes, str(inputs.splits_dir))
+    collector = _Collector("hmdb51", inputs.root, classes, inputs.check_files, inputs.max_missing)
     for label, class_name in enumerate(classes):
         for split, path in files[class_name]:
-            for where, fields in _read_rows(path):
+            rows = collector.rows(path)
+            for where, fields in rows:
                 if len(fields) != 2 or fields[1] not in _HMDB_SUBSET or "/" in fields[0]:
                     raise DatasetError(f"{where}: expected '<video> <0|1|2>', got {fields}")
                 collector.add(where, f"{class_name}/{fields[0]}", label, split, _HMDB_SUBSET[fields[1]])
-    return collector.finish(str(inputs.splits_dir))
+            if rows and not any(fields[1] == "2" for _, fields in rows):
+                collector.warnings.append(f"{path}: lists no test videos (label 2) for split {split}")
+    return collector.finish(str(inputs.splits_dir), extra)
+
+
+def _list_dir(directory: Path) -> list[Path]:
+    """The non-hidden entries of ``directory``, sorted; an unreadable directory is a :class:`DatasetError`."""
+    try:
+        return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise DatasetError(f"{directory}: cannot read directory ({exc.strerror or exc})") from None
 
 
 def _scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
     """``{class: [video files]}`` for every non-hidden class directory that holds videos, and warnings: skipped
-    directories and non-video files are reported rather than silently ignored."""
+    directories, non-video files and entries named like videos that are not files are reported rather than
+    silently ignored."""
     tree: dict[str, list[Path]] = {}
     warnings: list[str] = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    for class_dir in (p for p in _list_dir(root) if p.is_dir()):
+        entries = _list_dir(class_dir)
+        files = [p for p in entries if p.is_file()]  # is_file follows links: broken or looping ones are False
+        for entry in entries:
+            if entry.suffix.lower() in VIDEO_EXTENSIONS and not entry.is_file():
+                what = "a directory" if entry.is_dir() else "a broken or looping link" if entry.is_symlink() else \
+                    "not a regular file"
+                warnings.append(f"{entry}: skipped, {what}")
         videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
         if len(videos) < len(files):
             others = sorted({p.suffix or p.name for p in files if p not in videos})
@@ -321,14 +398,15 @@ def _index_folder(inputs: _Inputs) -> DatasetIndex:
     define the splits (and the records). Without it every video is ``"train"`` in split 1 and there is no test set.
     """
     tree, warnings = _scan_folder(inputs.root)
-    collector = _Collector("folder", inputs.root, list(tree), inputs.check_files)
+    classes, extra = _select_classes(list(tree), inputs.classes, str(inputs.root))
+    collector = _Collector("folder", inputs.root, classes, inputs.check_files, inputs.max_missing)
     collector.warnings.extend(warnings)
     if inputs.splits_dir is not None:
-        return _collect_split_lists(collector, inputs.splits_dir)
-    for label, videos in enumerate(tree.values()):
-        for video in videos:
+        return _collect_split_lists(collector, inputs.splits_dir, list(tree), extra)
+    for label, class_name in enumerate(classes):
+        for video in tree[class_name]:
             collector.add(str(video), video.relative_to(inputs.root).as_posix(), label, 1, "train")
-    return collector.finish(str(inputs.root))
+    return collector.finish(str(inputs.root), extra)
 
 
 # ----------------------------------------------------------------------------------------------------------- FCVID
@@ -398,11 +476,17 @@ def _index_fcvid(inputs: _Inputs) -> DatasetIndex:
     else:
         numbering = {c.index: c.name for c in decisions.values()}
     kept = sorted(i for i, name in numbering.items() if decisions[name].keep)
+    if inputs.classes is not None:
+        dropped = [name for name in inputs.classes if name in decisions and not decisions[name].keep]
+        if dropped:
+            raise DatasetError(f"{keep_file}: --classes names {dropped[0]!r}, which this keep file drops")
+        names, _ = _select_classes([numbering[i] for i in kept], inputs.classes, str(keep_file))
+        kept = [i for i in kept if numbering[i] in names]
     relabel = {original: new for new, original in enumerate(kept)}
     by_name = {name: index for index, name in numbering.items()}
-    collector = _Collector("fcvid", inputs.root, [numbering[i] for i in kept], inputs.check_files)
+    collector = _Collector("fcvid", inputs.root, [numbering[i] for i in kept], inputs.check_files, inputs.max_missing)
     dropped_videos, has_subset = 0, None
-    for where, fields in _read_rows(inputs.labels_file, _delimiter_for(inputs.labels_file)):
+    for where, fields in collector.rows(inputs.labels_file, _delimiter_for(inputs.labels_file)):
         if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in SUBSETS):
             raise DatasetError(f"{where}: expected '<video path> <category> [train|test]', got {fields}")
         if has_subset is None:
@@ -446,13 +530,15 @@ DATASET_KINDS = tuple(_ADAPTERS)
 
 
 def index_dataset(kind: str, root: Path, *, splits_dir: Path | None = None, labels_file: Path | None = None,
-                  categories_file: Path | None = None, keep_file: Path | None = None,
-                  check_files: bool = True) -> DatasetIndex:
+                  categories_file: Path | None = None, keep_file: Path | None = None, check_files: bool = True,
+                  classes: Sequence[str] | None = None, max_missing: float = MAX_MISSING_FRACTION) -> DatasetIndex:
     """Index a dataset of ``kind`` (``ucf101``, ``hmdb51``, ``fcvid``, ``folder``) under ``root``.
 
     ``splits_dir`` holds the split lists (UCF-101, HMDB-51; optional for folder trees); ``labels_file``,
     ``categories_file`` and ``keep_file`` are FCVID's (see :func:`_index_fcvid`). An option the kind does not use
-    is an error rather than silently ignored. See the module docstring for the error/warning policy.
+    is an error rather than silently ignored. ``classes`` keeps only those classes (FCVID: categories), relabelled
+    ``0..K-1`` in official order; ``max_missing`` is the share of a split's listed videos that may be missing on
+    disk (0 to 1). See the module docstring for the error/warning policy.
     """
     if kind not in _ADAPTERS:
         raise DatasetError(f"unknown dataset kind {kind!r}; choose one of {', '.join(_ADAPTERS)}")
@@ -468,5 +554,10 @@ def index_dataset(kind: str, root: Path, *, splits_dir: Path | None = None, labe
         raise DatasetError(f"{splits_dir}: split directory not found")
     if (check_files or kind == "folder") and not root.is_dir():  # a folder tree is read from disk in any case
         raise DatasetError(f"{root}: dataset root is not a directory")
-    inputs = _Inputs(root.resolve(), check_files, splits_dir, labels_file, categories_file, keep_file)
+    if not 0 <= max_missing <= 1:  # `not`: NaN fails too
+        raise DatasetError(f"max_missing must be a fraction from 0 to 1, got {max_missing}")
+    if classes is not None and not classes:
+        raise DatasetError("--classes names no class")
+    inputs = _Inputs(root.resolve(), check_files, splits_dir, labels_file, categories_file, keep_file,
+                     tuple(classes) if classes is not None else None, max_missing)
     return adapter.index(inputs)

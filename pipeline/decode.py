@@ -32,6 +32,8 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from pipeline.errors import Asym3dError, ConfigError
+
 __all__ = ["DecodeConfig", "DecodeError", "decode_video", "ffmpeg_exe"]
 
 # How much of ffmpeg's stderr goes into a DecodeError message: enough to name the cause, short enough for one line
@@ -41,7 +43,7 @@ _MAX_REASON_CHARS = 240
 _LOG_PREFIX = re.compile(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*")
 
 
-class DecodeError(RuntimeError):
+class DecodeError(Asym3dError):
     """A video could not be decoded; the message is ``"<path>: <reason>"`` on one line."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
@@ -55,7 +57,8 @@ class DecodeConfig:
     """How to decode a video.
 
     height, width: output frame size in pixels; the paper resizes every video to 128x171 (HxW) before cropping.
-    fps: resample to this frame rate (ffmpeg drops/duplicates frames); None keeps the source rate.
+    fps: resample to this frame rate (ffmpeg drops/duplicates frames); None keeps every source frame once, also for
+        variable-frame-rate files.
     max_frames: hard cap on decoded frames (memory bound: 20000 frames at 128x171 is 1.3 GB).
     timeout_s: ffmpeg is killed after this many seconds.
     """
@@ -68,13 +71,13 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
-            raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be positive or None, got {self.fps}")
+            raise ConfigError(f"frame size must be positive, got {self.height}x{self.width}")
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"fps must be positive or None, got {self.fps}")
         if self.max_frames <= 0:
-            raise ValueError(f"max_frames must be positive, got {self.max_frames}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+            raise ConfigError(f"max_frames must be positive, got {self.max_frames}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
 @functools.cache
@@ -106,13 +109,20 @@ def _summarise_stderr(stderr: bytes) -> str:
 
 def _command(path: Path, cfg: DecodeConfig) -> list[str]:
     stream = ffmpeg.input(f"file:{path}", protocol_whitelist="file")
+    timing: dict[str, str] = {}
     if cfg.fps is not None:
         # The fps filter resamples on the output time grid (10 s at 25 -> 10 fps gives 100 frames); the `-r` output
         # option instead pads the end with duplicates (102 frames for the same file).
         stream = stream.filter("fps", fps=cfg.fps)
+    else:
+        # Every decoded frame exactly once: by default ffmpeg forces a constant rate, duplicating or dropping frames
+        # of variable-rate files and of raw MPEG-4 streams without a container (3 of 151 frames). Passthrough keeps
+        # them; numbering the frames 0, 1, 2, ... seconds keeps the rawvideo muxer from seeing equal timestamps.
+        stream = stream.filter("settb", "1").filter("setpts", "N")
+        timing = {"fps_mode": "passthrough"}
     stream = (
         stream.filter("scale", cfg.width, cfg.height)
-        .output("pipe:", format="rawvideo", pix_fmt="rgb24", **{"frames:v": cfg.max_frames})
+        .output("pipe:", format="rawvideo", pix_fmt="rgb24", **{"frames:v": cfg.max_frames}, **timing)
         .global_args("-nostdin", "-v", "error", "-xerror")
     )
     return ffmpeg.compile(stream, cmd=ffmpeg_exe())

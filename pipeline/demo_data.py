@@ -44,6 +44,7 @@ import ffmpeg
 import numpy as np
 
 from pipeline.decode import ffmpeg_exe
+from pipeline.errors import Asym3dError
 
 __all__ = [
     "CLASS_NAMES",
@@ -104,7 +105,7 @@ _JITTER_SIGMA = 0.3  # camera jitter: AR(1) innovations, px (~0.4 px frame to fr
 _JITTER_PERSISTENCE = 0.8
 
 
-class DemoDataError(ValueError):
+class DemoDataError(Asym3dError, ValueError):
     """Bad parameters, an output directory that is not ours to write, or an encoder failure (one-line message)."""
 
 

@@ -4,19 +4,33 @@
 ``process_shard`` over the shards with the shared runner (joblib or dask). ``process_shard`` is a pure function of its
 task: it skips a shard that is already complete, records each bad video as a failure instead of raising, and writes
 the shard atomically, so a killed run loses at most the shards in flight and a rerun redoes only those.
+
+Any exception while one video is decoded or its flow computed fails that video, with the reason, and the run goes
+on: up to ``max_failures`` videos (a count, or a fraction of the run's videos), after which the run stops with
+:class:`TooManyFailures`; the finished shards are kept for a rerun.
+
+The schema (the output's identity) holds the decoding and the flow algorithm with its parameters; the backend,
+device, batch size, timeout and library versions are recorded beside it, so ``--retry-failed --timeout 60`` or a
+rerun after a library upgrade continues the same output.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
+import numpy as np
 
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
-from pipeline.flow import backend_metadata, make_backend, resolve_backend
+from pipeline.errors import Asym3dError, ConfigError
+from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_backend
 from pipeline.lock import DirectoryLock
 from pipeline.runner import run_tasks
 from pipeline.store import (DamagedError, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
@@ -31,27 +45,55 @@ FLOW_FIELD = FieldSpec("flow", channels=2, dtype="int16", scale=100.0, compressi
                        description="(u, v) displacement in pixels at the stored resolution, frame t -> t+1")
 RGB_FIELD = FieldSpec("rgb", channels=3, dtype="uint8", compression="lzf",
                       description="decoded RGB frames, lossless (build-rgbf multiplies them by the flow magnitude)")
+# The default --max-failures: a run in which most videos fail points at a wrong setting, not at a few bad files.
+DEFAULT_MAX_FAILURES = 0.5
+# Videos decoded at once by each shard's worker, ahead of the flow: ffmpeg decodes ~600-1800 frames/s per process
+# here, a GPU solves more pairs than one process decodes.
+DECODE_THREADS = 2
+
+
+class TooManyFailures(Asym3dError):
+    """More videos failed than ``max_failures`` allows; the run stopped (finished shards are kept)."""
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything that determines the bytes of a flow shard (stored in the schema; a resume must match it)."""
+    """How to extract flow. The decoding (but its timeout), the algorithm and its parameters and the shard size make
+    the schema a resume must match; backend, device, batch size and timeout are recorded (:meth:`recorded`)."""
 
     decode: DecodeConfig = DecodeConfig()
     backend: str = "auto"
     tvl1: TVL1Params = TVL1Params()
     device: str | None = None  # torch backend only
-    batch_size: int = 32  # torch backend only: frame pairs per batch
+    batch_size: int | None = None  # torch backend only: frame pairs per batch, across videos (None: fill the device)
+    solver: str = "auto"  # torch backend only: pipeline.flow.TORCH_SOLVERS
     videos_per_shard: int = 50
     flow_field: FieldSpec = FLOW_FIELD
     rgb_field: FieldSpec = RGB_FIELD
 
+    def __post_init__(self) -> None:
+        if min(self.decode.height, self.decode.width) < MIN_FRAME_SIDE:
+            raise ConfigError(f"--size {self.decode.height}x{self.decode.width}: optical flow needs frames of at "
+                              f"least {MIN_FRAME_SIDE} pixels a side")
+
     def schema(self) -> Schema:
-        backend = make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size)
+        """The identity: no backend is built here, so a CPU login node can plan a run its GPU workers carry out."""
+        decode = {k: v for k, v in dataclasses.asdict(self.decode).items() if k != "timeout_s"}
         return Schema(kind="flow", height=self.decode.height, width=self.decode.width,
                       fields=(self.rgb_field, self.flow_field),
-                      config={"decode": dataclasses.asdict(self.decode), "flow": backend_metadata(backend),
-                              "videos_per_shard": self.videos_per_shard, "libraries": library_versions()})
+                      config={"decode": decode, "flow": flow_identity(self.backend, self.tvl1),
+                              "videos_per_shard": self.videos_per_shard})
+
+    def recorded(self) -> dict:
+        """What is asked (never compared on resume): library versions, backend options and limits. Each shard adds
+        what really ran there (:func:`pipeline.flow.backend_record`), resolved by the worker that wrote it."""
+        return {"libraries": library_versions(), "backend": self.backend, "device": self.device,
+                "batch_size": self.batch_size, "solver": self.solver, "timeout_s": self.decode.timeout_s}
+
+    def make_backend(self):
+        """This worker's backend: ``auto`` and the device are resolved where the work runs, not where it was planned."""
+        return make_backend(self.backend, self.tvl1, device=self.device, batch_size=self.batch_size,
+                            solver=self.solver)
 
 
 @dataclass(frozen=True)
@@ -61,6 +103,7 @@ class ShardTask:
     records: tuple[VideoRecord, ...]
     cfg: ExtractConfig
     schema: Schema  # declared once for the run, so every worker writes exactly what was declared
+    recorded: dict  # what ran, stored in the shard
     retry_failed: bool = False
 
 
@@ -71,6 +114,7 @@ class ShardResult:
     failures: tuple[dict[str, str], ...]
     frames: int  # frames decoded in this run (0 when the shard was already complete)
     skipped: bool
+    ran: str = ""  # the backend that computed it, as resolved by its worker (empty when skipped)
 
 
 def process_shard(task: ShardTask) -> ShardResult:
@@ -90,23 +134,31 @@ def process_shard(task: ShardTask) -> ShardResult:
                 keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
             except (OSError, KeyError, ValueError) as exc:
                 raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
-    backend = make_backend(task.cfg.backend, task.cfg.tvl1, device=task.cfg.device, batch_size=task.cfg.batch_size)
+    backend = task.cfg.make_backend()
+    recorded = {**task.recorded, **backend_record(backend)}
     ok = frames_done = 0
     source = open_shard(path) if keep else None
     try:
-        with ShardWriter(path, task.schema, task.index) as writer:
+        with ShardWriter(path, task.schema, task.index, recorded) as writer:
+            todo = []
             for record in task.records:
                 if record.video_id in keep:
                     writer.copy_video(source, keep[record.video_id])
                     ok += 1
-                    continue
-                try:
-                    frames = decode_video(record.path, task.cfg.decode)
-                    if len(frames) < 2:
-                        raise DecodeError(record.path, f"{len(frames)} frame(s); optical flow needs at least 2")
-                    flow = backend.compute(frames)
-                except DecodeError as err:
-                    writer.add_failure(record.video_id, str(record.path), str(err))
+                else:
+                    todo.append(record)
+
+            def decoded() -> Iterator[tuple[tuple[VideoRecord, np.ndarray], np.ndarray]]:
+                """Decoded videos for the backend (decoding runs ahead); a video that fails to decode fails here."""
+                for record, frames in decode_ahead(todo, task.cfg.decode):
+                    if isinstance(frames, Exception):
+                        writer.add_failure(record.video_id, str(record.path), _reason(record, frames))
+                    else:
+                        yield (record, frames), frames
+
+            for (record, frames), flow in backend.compute_videos(decoded()):
+                if isinstance(flow, Exception):
+                    writer.add_failure(record.video_id, str(record.path), _reason(record, flow))
                     continue
                 writer.add_video(VideoMeta(record.video_id, record.label, record.label_name, str(record.path),
                                            dict(record.splits)), {"rgb": frames, "flow": flow})
@@ -115,7 +167,57 @@ def process_shard(task: ShardTask) -> ShardResult:
     finally:
         if source is not None:
             source.close()
-    return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False)
+    return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False, ran=_ran(backend))
+
+
+def _ran(backend) -> str:
+    """What computed a shard, for the summary: e.g. "torch on cuda:0 (compiled)" or "cpu"."""
+    solver = getattr(backend, "solver", None)
+    return backend.name + (f" on {backend.device}" if solver else "") + (f" ({solver})" if solver else "")
+
+
+def decode_ahead(records: list[VideoRecord], cfg: DecodeConfig, threads: int = DECODE_THREADS
+                 ) -> Iterator[tuple[VideoRecord, np.ndarray | Exception]]:
+    """Each record with its decoded frames (or the exception that stopped it), in order, decoding up to ``2 *
+    threads`` videos ahead in threads (ffmpeg runs in its own process), so flow never waits for decoding."""
+    def decode(record: VideoRecord) -> np.ndarray | Exception:
+        try:
+            frames = decode_video(record.path, cfg)
+            if len(frames) < 2:
+                raise DecodeError(record.path, f"{len(frames)} frame(s); optical flow needs at least 2")
+            return frames
+        except Exception as err:  # noqa: BLE001 - any failure fails this video only, with its reason
+            return err
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures: collections.deque = collections.deque()
+        for record in records:
+            futures.append((record, pool.submit(decode, record)))
+            if len(futures) > 2 * threads:
+                done, future = futures.popleft()
+                yield done, future.result()
+        while futures:
+            done, future = futures.popleft()
+            yield done, future.result()
+
+
+def _reason(record: VideoRecord, err: Exception) -> str:
+    """One line: our own errors already name the file; anything else (a backend's cv2.error, a bug) gets the path
+    and the exception type, so the failure list says what to look at."""
+    if isinstance(err, Asym3dError):
+        return str(err)
+    text = " ".join(str(err).split()) or "no message"
+    return f"{record.path}: {type(err).__name__}: {text[:240]}"
+
+
+def failure_limit(max_failures: int | float, videos: int) -> int:
+    """The number of failed videos a run may have: an int is a count, a float a fraction (0 to 1) of ``videos``
+    (1.0 never stops a run)."""
+    if isinstance(max_failures, int) and max_failures >= 0:
+        return max_failures
+    if isinstance(max_failures, float) and 0 <= max_failures <= 1:  # NaN fails both comparisons
+        return math.floor(max_failures * videos)
+    raise ConfigError(f"--max-failures must be a count or a fraction from 0 to 1, got {max_failures}")
 
 
 def _existing_result(index: int, f: h5py.File) -> ShardResult:
@@ -131,6 +233,7 @@ class ExtractSummary:
     videos_ok: int
     failures: tuple[dict[str, str], ...]
     frames_decoded: int
+    warnings: tuple[str, ...] = ()  # e.g. library versions changed since the earlier run into out_dir
     repaired: tuple[Damage, ...] = ()  # damage found by --repair in shards that were then recomputed
 
 
@@ -144,28 +247,45 @@ def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple
 
 def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs: int = 1,
                  scheduler: str | None = None, overwrite: bool = False, retry_failed: bool = False,
-                 repair: bool = False, progress: bool = True) -> ExtractSummary:
+                 repair: bool = False, progress: bool = True,
+                 max_failures: int | float = DEFAULT_MAX_FAILURES) -> ExtractSummary:
     """Run the stage over a dataset index; see the module docstring for the guarantees.
 
     The run holds ``out_dir``'s lock (:mod:`pipeline.lock`) throughout. ``repair`` first verifies every complete
     shard (:mod:`pipeline.verify`) and sets the damaged ones aside, so exactly those are recomputed.
+    ``max_failures``: a count (int) or a fraction of the index's videos (float); more failed videos stop the run
+    with :class:`TooManyFailures`.
     """
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
-    cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend))
-    schema = cfg.schema()
+    schema, recorded = cfg.schema(), cfg.recorded()
+    if scheduler is None:
+        cfg.make_backend()  # the workers are this machine: refuse a backend it cannot run before writing anything
+    limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
     with DirectoryLock(out_dir):
-        prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
-                       overwrite=overwrite)
+        warnings = prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
+                                  overwrite=overwrite, recorded=recorded)
         repaired = tuple(set_aside_damaged(out_dir)) if repair else ()
-        tasks = [ShardTask(i, out_dir, shard, cfg, schema, retry_failed) for i, shard in enumerate(plan)]
-        results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
-                            frames_of=lambda r: r.frames, progress=progress)
-        write_manifest(out_dir)
-    return ExtractSummary(out_dir, cfg.backend, len(tasks), sum(r.skipped for r in results),
+        tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
+        failures: list[dict[str, str]] = []
+
+        def stop_on_too_many(result: ShardResult) -> None:
+            failures.extend(result.failures)
+            if len(failures) > limit:
+                raise TooManyFailures(f"{out_dir}: stopped after {len(failures)} of {len(index.records)} videos "
+                                      f"failed (--max-failures {max_failures:g} allows {limit}); first: "
+                                      f"{failures[0]['reason']}")
+
+        try:
+            results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
+                                frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
+        finally:
+            write_manifest(out_dir)
+    ran = ", ".join(sorted({r.ran for r in results if r.ran})) or f"{cfg.backend} (nothing left to compute)"
+    return ExtractSummary(out_dir, ran, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results), repaired)
+                          sum(r.frames for r in results), tuple(warnings), repaired)
 

@@ -19,27 +19,40 @@ i.e. ``frame_t[y, x] ~ frame_t+1[y + v, x + u]``. Frames are converted to grey w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+import itertools
+from typing import Any, Iterable, Iterator, Protocol
 
 import cv2
 import numpy as np
 import torch
 
+from pipeline.devices import check_device
+from pipeline.errors import Asym3dError, ConfigError
 from pipeline.tvl1_params import TVL1Params
-from pipeline.tvl1_torch import tvl1_flow_frames
+from pipeline.tvl1_torch import SOLVERS, rgb_to_gray, tvl1_flow_frames, tvl1_flow_videos
 
 __all__ = [
     "BACKENDS",
     "FlowBackend",
     "FlowBackendUnavailable",
+    "TORCH_SOLVERS",
     "TVL1Params",
     "backend_metadata",
+    "backend_record",
     "cuda_available",
+    "flow_identity",
     "make_backend",
     "resolve_backend",
 ]
 
 BACKENDS = ("auto", "cuda", "cpu", "torch", "dis", "farneback")
+TORCH_SOLVERS = ("auto", *SOLVERS)
+# Default torch TV-L1 batch on a GPU, in pixels of all its pairs: 1024 pairs at 171x128. The solver is launch-bound
+# below that (the device check: 64 pairs took 1.57 s, 1024 pairs 2.37 s on an H200).
+TORCH_GPU_BATCH_PIXELS = 1024 * 171 * 128
+# The smallest frame side every backend handles: OpenCV's DIS raises on frames of 8 px and has crashed the process
+# on 12 px high ones; 16 px is also where TV-L1 stops adding pyramid levels. Far below any real use.
+MIN_FRAME_SIDE = 16
 
 # Farneback settings: the values of OpenCV's dense optical flow tutorial, a common choice for video at this size.
 _FARNEBACK_SETTINGS = {
@@ -53,7 +66,7 @@ _FARNEBACK_SETTINGS = {
 }
 
 
-class FlowBackendUnavailable(RuntimeError):
+class FlowBackendUnavailable(Asym3dError):
     """The requested backend cannot run with this OpenCV/torch installation or hardware."""
 
 
@@ -75,6 +88,11 @@ class FlowBackend(Protocol):
         """(T, H, W, 3) uint8 RGB -> (T - 1, H, W, 2) float32 (u, v)."""
         ...
 
+    def compute_videos(self, videos: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray | Exception]]:
+        """``(tag, frames)`` in, ``(tag, flow)`` out in the same order; a video that fails gets its exception as flow.
+        Batching backends (torch) share batches across videos; the others take one video at a time."""
+        ...
+
 
 def cuda_available() -> bool:
     """True when OpenCV was built with CUDA and sees at least one CUDA device. Never raises.
@@ -90,7 +108,7 @@ def cuda_available() -> bool:
 def resolve_backend(name: str) -> str:
     """The concrete backend ``name`` stands for: ``auto`` becomes cuda, torch (with a GPU) or cpu, in that order."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown flow backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if cuda_available():
@@ -118,11 +136,18 @@ class _PairwiseOpenCV:
 
     def compute(self, frames: np.ndarray) -> np.ndarray:
         _check_frames(frames)
-        gray = [cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY) for frame in frames]
-        out = np.empty((len(gray) - 1, *gray[0].shape, 2), dtype=np.float32)
+        gray = rgb_to_gray(frames)
+        out = np.empty((len(gray) - 1, *gray.shape[1:], 2), dtype=np.float32)
         for t in range(len(gray) - 1):
             out[t] = self._pair(gray[t], gray[t + 1])
         return out
+
+    def compute_videos(self, videos: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray | Exception]]:
+        for tag, frames in videos:
+            try:
+                yield tag, self.compute(frames)
+            except Exception as err:  # noqa: BLE001 - this video fails with the reason; the caller goes on
+                yield tag, err
 
     def _pair(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -194,27 +219,50 @@ class _Farneback(_PairwiseOpenCV):
 
 
 class _TorchTVL1:
-    """Batched TV-L1 in PyTorch; ``batch_size`` pairs are solved at once on ``device``."""
+    """Batched TV-L1 in PyTorch; ``batch_size`` pairs (from one or several videos) are solved at once on ``device``."""
 
     name, is_tvl1, algorithm = "torch", True, "tvl1"
 
-    def __init__(self, params: TVL1Params, device: str, batch_size: int) -> None:
+    def __init__(self, params: TVL1Params, device: str, batch_size: int | None, solver: str) -> None:
         self.settings = dataclasses.asdict(params)
         self.device = device
         self.batch_size = batch_size
+        self.solver = solver if solver != "auto" else ("compiled" if torch.device(device).type == "cuda" else "eager")
         self._params = params
 
+    def batch_for(self, height: int, width: int) -> int:
+        """``batch_size``, or by default what fills the device: 32 pairs on a CPU; on a GPU, pairs of
+        ``TORCH_GPU_BATCH_PIXELS`` pixels in all (1024 pairs at 171x128, ~7 GB with the eager solver)."""
+        if self.batch_size:
+            return self.batch_size
+        if torch.device(self.device).type == "cpu":
+            return 32
+        return max(32, round(TORCH_GPU_BATCH_PIXELS / (height * width)))
+
     def compute(self, frames: np.ndarray) -> np.ndarray:
-        return tvl1_flow_frames(frames, self._params, device=self.device, batch_size=self.batch_size)
+        return tvl1_flow_frames(frames, self._params, device=self.device, batch_size=self.batch_for(*frames.shape[1:3]),
+                                solver=self.solver)
+
+    def compute_videos(self, videos: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray | Exception]]:
+        videos = iter(videos)
+        first = next(videos, None)
+        if first is None:
+            return
+        batch = self.batch_for(*first[1].shape[1:3])
+        yield from tvl1_flow_videos(itertools.chain([first], videos), self._params, device=self.device,
+                                    batch_size=batch, solver=self.solver)
 
 
 def make_backend(
-    name: str, params: TVL1Params = TVL1Params(), *, device: str | None = None, batch_size: int = 32
+    name: str, params: TVL1Params = TVL1Params(), *, device: str | None = None, batch_size: int | None = None,
+    solver: str = "auto",
 ) -> FlowBackend:
     """Build the flow backend ``name`` (one of BACKENDS; ``auto`` is resolved with :func:`resolve_backend`).
 
     params: TV-L1 parameters for cpu, cuda and torch (dis and farneback have their own fixed settings).
-    device, batch_size: for the torch backend only (device defaults to "cuda" when torch sees a GPU, else "cpu").
+    device, batch_size, solver: for the torch backend only (device defaults to "cuda" when torch sees a GPU, else
+    "cpu"; batch_size None fills the device, see ``_TorchTVL1.batch_for``; solver one of ``TORCH_SOLVERS``, "auto"
+    being "compiled" on a GPU and "eager" on the CPU, where compiling does not pay: BENCHMARKS.md).
     Raises ValueError for an unknown name and FlowBackendUnavailable when the backend cannot run here.
     """
     resolved = resolve_backend(name)
@@ -229,31 +277,33 @@ def make_backend(
             )
         return _CudaTVL1(params)
     if resolved == "torch":
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise FlowBackendUnavailable(
-                f"torch {torch.__version__} sees no CUDA device for --device {device}; use --device cpu"
-            )
-        return _TorchTVL1(params, device, batch_size)
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if solver not in TORCH_SOLVERS:
+            raise ConfigError(f"unknown solver {solver!r}; valid: {', '.join(TORCH_SOLVERS)}")
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return _TorchTVL1(params, device, batch_size, solver)
     if resolved == "dis":
         return _Dis()
     return _Farneback()
 
 
 def backend_metadata(backend: FlowBackend) -> dict[str, Any]:
-    """What made a flow: backend, algorithm (and whether it is TV-L1), parameters, device and library versions.
+    """What a flow is: the algorithm (and whether it is TV-L1) and its parameters, the identity a resumed run must
+    match, so flow of a non-TV-L1 backend or other parameters is never mistaken for the paper's. Which backend and
+    device ran it is :func:`backend_record`."""
+    return {"algorithm": backend.algorithm, "is_tvl1": backend.is_tvl1, "params": dict(backend.settings)}
 
-    Stored with every shard, so flow from a non-TV-L1 backend, other parameters or another library version is
-    never mistaken for the paper's.
-    """
-    return {
-        "name": backend.name,
-        "algorithm": backend.algorithm,
-        "is_tvl1": backend.is_tvl1,
-        "params": dict(backend.settings),
-        "device": backend.device,
-        "opencv_version": cv2.__version__,
-        "torch_version": torch.__version__,
-    }
+
+def flow_identity(name: str, params: TVL1Params = TVL1Params()) -> dict[str, Any]:
+    """:func:`backend_metadata` of backend ``name`` without building it: every TV-L1 backend (and ``auto``, which
+    only ever picks one) computes the same flow, so a planning machine without the worker's GPU states it too."""
+    if name in ("auto", "cpu", "cuda", "torch"):
+        return {"algorithm": "tvl1", "is_tvl1": True, "params": dataclasses.asdict(params)}
+    return backend_metadata(make_backend(name, params))
+
+
+def backend_record(backend: FlowBackend) -> dict[str, Any]:
+    """What ran a flow (backend, device, torch solver, torch version): recorded with the shards, never compared."""
+    return {"backend": backend.name, "device": backend.device, "torch": torch.__version__,
+            **({"solver": backend.solver} if isinstance(backend, _TorchTVL1) else {})}

@@ -22,12 +22,33 @@ def summary_text(shards: ShardSet) -> str:
         lines.append(f"  field {spec.name}: {spec.channels} channels, {enc}; {spec.description}")
     flow = s.config.get("flow")
     if flow:
-        lines.append(f"  flow: {flow.get('name')} ({flow.get('algorithm')}) {flow.get('params')}")
+        lines.append(f"  flow: {flow.get('algorithm')} {flow.get('params')}")
+    official = shards.dataset.get("extra", {}).get("official_labels")
+    if official:
+        of = shards.dataset["extra"].get("official_classes")
+        pairs = ", ".join(f"{label}={name} ({official[name]})" for label, name in enumerate(shards.classes))
+        lines.append(f"  class subset of {of} (label=name (official label)): {pairs}")
+    lines.extend(_recorded_lines(shards))
     for failure in shards.failures[:20]:
         lines.append(f"  FAILED {failure['video_id']}: {failure['reason']}")
     if len(shards.failures) > 20:
         lines.append(f"  ... and {len(shards.failures) - 20} more failures (see manifest.json)")
     return "\n".join(lines)
+
+
+def _recorded_lines(shards: ShardSet) -> list[str]:
+    """What ran, per group of shards that share it: library versions, backend, device (never part of the identity,
+    so one output can hold shards of several versions after an upgrade)."""
+    groups: dict[str, list[str]] = {}
+    for shard, recorded in shards.recorded.items():
+        libraries = recorded.get("libraries", {})
+        text = ", ".join(f"{k} {v}" for k, v in sorted(libraries.items()))
+        ran = [f"{k} {recorded[k]}" for k in ("backend", "device", "torch") if k in recorded]
+        groups.setdefault("; ".join(filter(None, [text, ", ".join(ran)])) or "not recorded", []).append(shard)
+    lines = [f"  made with ({len(names)} shards): {text}" for text, names in groups.items()]
+    if len(groups) > 1:
+        lines.append("  warning: the shards were made with different library versions or backends")
+    return lines
 
 
 def flow_to_color(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndarray:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.errors import Asym3dError
+
 if TYPE_CHECKING:
     from pipeline.store import ShardSet
 
@@ -42,7 +44,7 @@ RGBF_DEFINITION = ("eq. 7: rint(RGB * (|F| - min|F|) / (max|F| - min|F|)), min/m
 LAST_FRAME_PAIRING = "frame t uses flow t->t+1; the last frame reuses the last pair T-2->T-1"
 
 
-class RGBFError(ValueError):
+class RGBFError(Asym3dError, ValueError):
     """Frames and flow that cannot make training frames (too short, mismatched, non-finite flow)."""
 
 

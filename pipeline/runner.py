@@ -8,6 +8,9 @@ leave workers that keep writing into a directory whose lock (:mod:`pipeline.lock
 
 Security: ``--scheduler`` connects to an existing cluster, which runs whatever tasks its clients send; only point it
 at a scheduler you trust, or one secured with TLS (``tls://``). Nothing here opens a listener.
+
+A scheduler that cannot be reached is a :class:`SchedulerError` after ``CONNECT_TIMEOUT_S``; stages call
+:func:`check_scheduler` before they write anything, so a typo in the address leaves no output behind.
 """
 from __future__ import annotations
 
@@ -18,6 +21,38 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
+
+from pipeline.errors import Asym3dError
+
+# Seconds to wait for a dask scheduler: long enough for a busy one on a slow network, short enough that a wrong
+# address is reported while the user still watches (dask's own default is 30 s).
+CONNECT_TIMEOUT_S = 10
+
+
+class SchedulerError(Asym3dError):
+    """The dask scheduler given with --scheduler cannot be used."""
+
+
+def _connect(scheduler: str):
+    """A dask Client for ``scheduler``; :class:`SchedulerError` in one line when it cannot be reached."""
+    import dask
+    from distributed import Client
+
+    if scheduler.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise SchedulerError(f"--scheduler {scheduler}: tls:// needs dask's TLS configuration (distributed.comm.tls:"
+                             " ca-file, client.cert, client.key), e.g. in ~/.config/dask/distributed.yaml")
+    try:
+        return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except ValueError as exc:  # an unknown address scheme
+        raise SchedulerError(f"--scheduler {scheduler}: {exc}") from None
+    except OSError as exc:  # refused, unreachable, timed out
+        raise SchedulerError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+
+
+def check_scheduler(scheduler: str | None) -> None:
+    """Connect to ``scheduler`` once and disconnect; raises :class:`SchedulerError` when that fails."""
+    if scheduler:
+        _connect(scheduler).close()
 
 
 _guarded_parent: int | None = None  # the parent this worker process already watches
@@ -45,9 +80,9 @@ def _die_with_parent(parent: int, fn: Callable[[Any], Any], task: Any) -> Any:
 
 def _iter_results(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, scheduler: str | None) -> Iterator[Any]:
     if scheduler:
-        from distributed import Client, as_completed
+        from distributed import as_completed
 
-        with Client(scheduler) as client:
+        with _connect(scheduler) as client:
             futures = [client.submit(fn, task, pure=False) for task in tasks]
             for future in as_completed(futures):
                 yield future.result()
@@ -64,10 +99,11 @@ def _iter_results(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, sch
 
 def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, scheduler: str | None = None,
               desc: str = "", unit: str = "shard", frames_of: Callable[[Any], int] | None = None,
-              progress: bool = True) -> list[Any]:
+              progress: bool = True, on_result: Callable[[Any], None] | None = None) -> list[Any]:
     """Run ``fn(task)`` for every task; return the results (completion order) after all have finished.
 
-    ``frames_of(result)`` lets the progress bar show frames per second beside the task count.
+    ``frames_of(result)`` lets the progress bar show frames per second beside the task count. ``on_result(result)``
+    sees each result as it arrives; an exception it raises stops the run (tasks not started are dropped).
     """
     results = []
     frames = 0
@@ -79,4 +115,6 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, 
                 frames += frames_of(result)
                 bar.set_postfix(frames_per_s=f"{frames / max(time.perf_counter() - start, 1e-9):.1f}")
             bar.update(1)
+            if on_result is not None:
+                on_result(result)
     return results

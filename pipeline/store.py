@@ -3,9 +3,11 @@
 A stage output directory holds:
 
 - ``dataset.json``: written when a run starts. The schema (what each stored field is, its dtype, encoding and
-  precision), the stage configuration and library versions that made the data, the dataset's classes and the shard
-  plan (which video ids go to which shard). A later run into the same directory must declare the same schema or is
-  refused (see :func:`prepare_output`).
+  precision, and the algorithm and parameters that made it), the dataset's classes and the shard plan (which video
+  ids go to which shard): the output's identity. A later run into the same directory must declare the same or is
+  refused (see :func:`prepare_output`). Beside it, ``recorded``: what ran (library versions, backend, device,
+  runtime limits), which is recorded, also in each shard, but never compared: a rerun after a library upgrade or
+  with a longer timeout continues the output, with a warning naming changed versions.
 - ``shard-NNNNN.h5``: written under a temporary name (:func:`atomic_output`) and renamed when complete, so a file with
   the final name is always whole. A rerun skips those and redoes the rest. Each shard carries the schema too, so a
   lone shard still says what it is.
@@ -36,6 +38,8 @@ from typing import Any, Iterable, Iterator
 import h5py
 import numpy as np
 
+from pipeline.errors import Asym3dError
+
 FORMAT_VERSION = 2  # 2: fletcher32 on raw arrays, CRC-32 per JPEG frame
 READABLE_VERSIONS = (1, 2)  # version 1 (no checksums) still reads, so days of computed flow stay usable
 SCHEMA_FILE = "dataset.json"
@@ -45,7 +49,7 @@ TMP_GLOB = "*.tmp.*"  # what atomic_output leaves behind when its process is kil
 CRC_SUFFIX = ".crc32"
 
 
-class StoreError(RuntimeError):
+class StoreError(Asym3dError):
     """A shard directory that cannot be used: missing, from another format version, or another configuration."""
 
 
@@ -204,29 +208,44 @@ def library_versions() -> dict[str, str]:
 
 
 def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: list[list[str]],
-                   *, overwrite: bool = False) -> None:
+                   *, overwrite: bool = False, recorded: dict[str, Any] | None = None) -> list[str]:
     """Create ``root`` for a run, or check that it continues an earlier run of the same configuration.
 
     ``dataset`` holds what the data is about (kind, classes, relabel mappings); ``plan`` the video ids per shard.
     A different schema or plan in an existing directory raises :class:`StoreError` naming the difference, unless
     ``overwrite``, which deletes the earlier shards first (never silently). ``overwrite`` with the same configuration
     deletes nothing: the shards are what the rerun would write. Shards without a ``dataset.json`` (deleted by hand)
-    are checked against their own stored schema before anything is added.
+    are checked against their own stored schema before anything is added. ``recorded`` (what runs this time:
+    ``libraries``, backend, limits) is stored, not compared; returns warnings naming changed library versions.
     """
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(root, exc) from None
     meta_path = root / SCHEMA_FILE
-    new = json.loads(json.dumps({"schema": schema.to_dict(), "dataset": dataset, "plan": plan}))
-    if meta_path.exists():
-        diff = _differences(read_json(meta_path), new)
+    new = json.loads(json.dumps({"schema": schema.to_dict(), "dataset": dataset, "plan": plan,
+                                 "recorded": recorded or {}}))
+    identity = {key: new[key] for key in ("schema", "dataset", "plan")}
+    old = read_json(meta_path) if meta_path.exists() else None
+    if old is not None and not isinstance(old, dict):
+        raise DamagedError(f"{meta_path}: unreadable (not a JSON object)")
+    if old is not None:
+        diff = _differences({key: old.get(key) for key in identity}, identity)
     else:
         diff = _orphan_shard_differences(root, new["schema"])
     if not diff:
-        if not meta_path.exists():
+        warnings: list[str] = []
+        if old is not None:
+            before = (old.get("recorded") or {}).get("libraries", {})
+            now = new["recorded"].get("libraries", {})
+            changed = [f"{name} {before[name]} -> {now[name]}" for name in sorted(set(before) & set(now))
+                       if before[name] != now[name]]
+            if changed:
+                warnings.append(f"{root}: library versions changed since the earlier run ({', '.join(changed)}); "
+                                "each shard records the versions that made it")
+        if old is None or old.get("recorded") != new["recorded"]:  # a finished rerun writes nothing
             write_text_atomic(meta_path, json.dumps(new, indent=1))
-        return
+        return warnings
     if not overwrite:
         raise StoreError(f"{root}: holds output of a different configuration ({'; '.join(diff[:5])}); "
                          "use another output directory or --overwrite")
@@ -234,6 +253,7 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
         path.unlink()
     (root / MANIFEST_FILE).unlink(missing_ok=True)
     write_text_atomic(meta_path, json.dumps(new, indent=1))
+    return []
 
 
 def _orphan_shard_differences(root: Path, schema: dict[str, Any]) -> list[str]:
@@ -252,12 +272,10 @@ def _orphan_shard_differences(root: Path, schema: dict[str, Any]) -> list[str]:
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human-readable list of where two JSON documents differ (library versions excluded)."""
+    """Human-readable list of where two JSON documents differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            if key == "libraries":
-                continue
             sub = f"{path}.{key}" if path else key
             if key not in old or key not in new:
                 out.append(f"{sub} only in {'new' if key in new else 'existing'} run")
@@ -304,7 +322,8 @@ class ShardWriter:
     """Write one shard atomically: ``with ShardWriter(path, schema, index) as w: w.add_video(...)``.
 
     The file is built under a temporary name (:func:`atomic_output`) and renamed onto ``path`` only when the ``with``
-    block ends without an exception, so a killed process never leaves a file that looks complete.
+    block ends without an exception, so a killed process never leaves a file that looks complete. ``recorded``
+    (library versions, backend) is stored beside the schema and never compared.
 
     HDF5 crashes the process (segmentation fault) when a write fails inside a cache flush it does while closing
     objects, which is where a full disk shows up by default. So the chunk cache is off (each video's arrays are
@@ -312,7 +331,7 @@ class ShardWriter:
     normal call, the file closes cleanly, and the caller gets a one-line :class:`StoreError`.
     """
 
-    def __init__(self, path: Path, schema: Schema, shard_index: int):
+    def __init__(self, path: Path, schema: Schema, shard_index: int, recorded: dict[str, Any] | None = None):
         self.path = Path(path)
         self.schema = schema
         self._output = atomic_output(self.path)  # entered and left by hand: it spans this writer's own with-block
@@ -322,6 +341,7 @@ class ShardWriter:
         try:
             self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
             self._file.attrs["asym3d_schema"] = json.dumps(schema.to_dict())
+            self._file.attrs["asym3d_recorded"] = json.dumps(recorded or {})
             self._file.attrs["asym3d_shard"] = shard_index
             self._videos = self._file.create_group("videos")
             self._file.flush()
@@ -455,19 +475,23 @@ class ShardSet:
         self.videos: list[VideoEntry] = []
         self.failures: list[dict[str, str]] = []
         self.complete_shards: list[str] = []
+        self.recorded: dict[str, dict[str, Any]] = {}  # shard name -> what ran (library versions, backend)
         for path in sorted(self.root.glob(SHARD_GLOB)):
-            videos, failures = self._read_index(path)
+            videos, failures, recorded = self._read_index(path)
             self.complete_shards.append(path.name)
+            self.recorded[path.name] = recorded
             self.videos.extend(videos)
             self.failures.extend(failures)
         self._by_id = {v.video_id: v for v in self.videos}
         self._files: dict[str, h5py.File] = {}
 
-    def _read_index(self, path: Path) -> tuple[list[VideoEntry], list[dict[str, str]]]:
-        """One shard's videos and failures; a shard that cannot be opened or parsed is a one-line DamagedError."""
+    def _read_index(self, path: Path) -> tuple[list[VideoEntry], list[dict[str, str]], dict[str, Any]]:
+        """One shard's videos, failures and what ran (``asym3d_recorded``); a shard that cannot be opened or parsed
+        is a one-line DamagedError."""
         try:
             with h5py.File(path, "r") as f:
                 self._check_shard_schema(path, f)
+                recorded = json.loads(f.attrs.get("asym3d_recorded", "{}"))
                 failures = json.loads(f.attrs.get("failures", "[]"))
                 videos = []
                 for key, group in f["videos"].items():
@@ -476,7 +500,7 @@ class ShardSet:
                         video_id=str(a["video_id"]), label=int(a["label"]), label_name=str(a["label_name"]),
                         n_frames=int(a["n_frames"]), shard=path.name, key=key, source=str(a["source"]),
                         splits={int(k): v for k, v in json.loads(a["splits"]).items()}))
-                return videos, failures
+                return videos, failures, recorded
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect {self.root} "
                                "--verify, and --repair on the stage that wrote it") from None
@@ -506,7 +530,7 @@ class ShardSet:
         try:
             return self._by_id[video_id]
         except KeyError:
-            raise KeyError(f"{self.root}: no video {video_id!r}") from None
+            raise StoreError(f"{self.root}: no video {video_id!r}") from None
 
     def split_videos(self, split: int, subset: str) -> list[VideoEntry]:
         """Videos stored here that the dataset puts in ``subset`` ("train"/"test") of split ``split``."""

@@ -5,8 +5,11 @@ backends do not import torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Any
+
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,22 +43,25 @@ class TVL1Params:
     useInitialFlow: bool = False
 
     def __post_init__(self) -> None:
+        for spec in fields(self):  # NaN passes every comparison below; inf saturates the stored flow
+            if spec.type == "float" and not math.isfinite(getattr(self, spec.name)):
+                raise ConfigError(f"TV-L1 {spec.name.rstrip('_')} must be a finite number, got {getattr(self, spec.name)}")
         if self.useInitialFlow:
-            raise ValueError("useInitialFlow=True is not supported by the torch TV-L1 (it takes no initial flow)")
+            raise ConfigError("useInitialFlow=True is not supported by the torch TV-L1 (it takes no initial flow)")
         if self.nscales < 1 or self.warps < 1 or self.innerIterations < 1 or self.outerIterations < 1:
-            raise ValueError(
+            raise ConfigError(
                 "nscales, warps, innerIterations and outerIterations must be >= 1, got "
                 f"{self.nscales}, {self.warps}, {self.innerIterations}, {self.outerIterations}"
             )
         if not 0.0 < self.scaleStep < 1.0:
-            raise ValueError(f"scaleStep must be in (0, 1), got {self.scaleStep}")
+            raise ConfigError(f"scaleStep must be in (0, 1), got {self.scaleStep}")
         if self.tau <= 0 or self.theta <= 0 or self.lambda_ <= 0 or self.epsilon < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"tau, theta, lambda_ must be > 0 and epsilon >= 0, got {self.tau}, {self.theta}, "
                 f"{self.lambda_}, {self.epsilon}"
             )
         if self.medianFiltering > 1 and self.medianFiltering % 2 == 0:
-            raise ValueError(f"medianFiltering must be odd (or <= 1 to disable), got {self.medianFiltering}")
+            raise ConfigError(f"medianFiltering must be odd (or <= 1 to disable), got {self.medianFiltering}")
 
     def to_opencv(self) -> Any:
         """OpenCV's Dual TV-L1 object with these parameters (the CPU backend, and this module's reference).
@@ -71,6 +77,6 @@ class TVL1Params:
                 return create(self.tau, self.lambda_, self.theta, self.nscales, self.warps, self.epsilon,
                               self.innerIterations, self.outerIterations, self.scaleStep, self.gamma,
                               self.medianFiltering, self.useInitialFlow)
-        raise RuntimeError(
+        raise ConfigError(
             f"OpenCV {cv2.__version__} has no Dual TV-L1 (neither cv2.optflow.DualTVL1OpticalFlow_create nor "
             "cv2.DualTVL1OpticalFlow_create); install opencv-contrib-python-headless, or use --backend torch")

@@ -55,7 +55,13 @@ Differences from OpenCV, and why:
 
 from __future__ import annotations
 
+import collections
 import functools
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -64,8 +70,13 @@ import torch.nn.functional as F
 
 from pipeline.tvl1_params import TVL1Params
 
-__all__ = ["TVL1Params", "known_flow_pair", "tvl1_flow_frames", "tvl1_flow_torch"]
+__all__ = ["SOLVERS", "TVL1Params", "known_flow_pair", "rgb_to_gray", "tvl1_flow_frames", "tvl1_flow_torch",
+           "tvl1_flow_videos"]
 
+# How the iterations of a batch run. "eager": stopped pairs leave the batch (least arithmetic; one host read per
+# inner iteration): the reference. "fused": a fixed batch where stopped pairs are frozen by a mask, stopping flags
+# read every few iterations. "compiled": "fused" through torch.compile, each iteration a few fused kernels.
+SOLVERS = ("eager", "fused", "compiled")
 # OpenCV stops building the pyramid at the first level with a side shorter than this (tvl1flow.cpp).
 _MIN_PYRAMID_SIDE = 16
 
@@ -176,13 +187,18 @@ def _median_network(n: int) -> tuple[tuple[int, int, bool, bool], ...]:
     return tuple(reversed(steps))
 
 
-def _median_filter(u: torch.Tensor, ksize: int) -> torch.Tensor:
-    """``cv::medianBlur`` (replicated border) of each (H, W) plane of (B, C, H, W): exact median of ksize**2 values."""
+def _median_filter(u: torch.Tensor, ksize: int,
+                   network: tuple[tuple[int, int, bool, bool], ...] | None = None) -> torch.Tensor:
+    """``cv::medianBlur`` (replicated border) of each (H, W) plane of (B, C, H, W): exact median of ksize**2 values.
+
+    ``network`` is ``_median_network(ksize**2)``, which a compiled caller passes in (torch.compile should not trace
+    the cached network's construction).
+    """
     height, width = u.shape[-2:]
     half = ksize // 2
     padded = F.pad(u, (half, half, half, half), mode="replicate")
     wires = [padded[..., dy : dy + height, dx : dx + width] for dy in range(ksize) for dx in range(ksize)]
-    for i, j, keep_min, keep_max in _median_network(ksize * ksize):
+    for i, j, keep_min, keep_max in network or _median_network(ksize * ksize):
         low = torch.minimum(wires[i], wires[j]) if keep_min else None
         if keep_max:
             wires[j] = torch.maximum(wires[i], wires[j])
@@ -290,14 +306,146 @@ def _solve_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TV
     return u
 
 
-def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params = TVL1Params()) -> torch.Tensor:
+def _masked_step(u: torch.Tensor, px: torch.Tensor, py: torch.Tensor, step_dir: torch.Tensor, rho_c: torch.Tensor,
+                 grad: torch.Tensor, live: torch.Tensor, l_t: float, taut: float, theta: float,
+                 scaled_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One inner iteration of every sample whose ``live`` flag is set; the others keep u, px and py unchanged.
+
+    The same arithmetic as :func:`_iterate`, written without in-place ops and without leaving the device, so that
+    ``torch.compile`` fuses it into a few kernels and the batch keeps one shape. Returns (u, px, py, live) with
+    ``live`` cleared for samples whose update met the stopping rule in this iteration: OpenCV applies that last
+    update and then stops, and so does this.
+    """
+    # The reference's own ops in its order (addcmul, add with alpha), so that eager runs of the two round alike.
+    rho = rho_c
+    for c in range(u.shape[1]):
+        rho = torch.addcmul(rho, step_dir[:, c], u[:, c])
+    fi = torch.div(rho, grad).neg().clamp(-l_t, l_t).nan_to_num(0.0)
+    u_new = torch.addcmul(u, fi[:, None], step_dir).add(_divergence_pure(px, py), alpha=theta)
+    change = u_new - u
+    error = (change * change).sum(dim=(1, 2, 3))
+    ux = F.pad(u_new[..., :, 1:] - u_new[..., :, :-1], (0, 1))
+    uy = F.pad(u_new[..., 1:, :] - u_new[..., :-1, :], (0, 0, 0, 1))
+    norm = torch.addcmul(ux * ux, uy, uy).sqrt().mul(taut).add(1.0)
+    keep = live[:, None, None, None]
+    u = torch.where(keep, u_new, u)
+    px = torch.where(keep, px.add(ux, alpha=taut).div(norm), px)
+    py = torch.where(keep, py.add(uy, alpha=taut).div(norm), py)
+    return u, px, py, live & (error > scaled_epsilon)
+
+
+def _divergence_pure(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """:func:`_divergence` without in-place writes (what torch.compile fuses best): backward differences, 0 outside."""
+    return px + py - F.pad(px[..., :, :-1], (1, 0)) - F.pad(py[..., :-1, :], (0, 0, 1, 0))
+
+
+def _masked_median(u: torch.Tensor, live: torch.Tensor, ksize: int,
+                   network: tuple[tuple[int, int, bool, bool], ...]) -> torch.Tensor:
+    """The outer iteration's median filter of (u1, u2), applied to live samples only (u3 is never filtered)."""
+    filtered = torch.cat((_median_filter(u[:, :2], ksize, network), u[:, 2:]), dim=1)
+    return torch.where(live[:, None, None, None], filtered, u)
+
+
+class _Steps:
+    """The two per-iteration functions of the fused solver, eager or compiled once per process and device type.
+
+    Compiling is tried on a tiny batch when the solver is built: the time it took is printed once (Inductor caches
+    the result on disk, so later runs start faster), and where the toolchain is missing (no C++ compiler for the
+    CPU, no Triton for a GPU) the solver runs uncompiled with one warning, computing the same flow.
+    """
+
+    def __init__(self, compiled: bool, device_type: str):
+        self.step, self.median = _masked_step, _masked_median
+        if not compiled:
+            return
+        # dynamic: one graph serves every pyramid level and batch size instead of one compilation per shape
+        step, median = torch.compile(_masked_step, dynamic=True), torch.compile(_masked_median, dynamic=True)
+        start = time.perf_counter()
+        try:
+            u = torch.zeros(2, 2, 16, 16, device=device_type)
+            live = torch.ones(2, dtype=torch.bool, device=device_type)
+            step(u, u, u, u, u[:, 0], u[:, 0] + 1, live, 0.0225, 0.8333, 0.3, 0.0256)
+            median(u, live, 5, _median_network(25))
+        except Exception as err:  # noqa: BLE001 - any compiler failure: same results without compiling
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile failed on {device_type} ({type(err).__name__}: {first}); the TV-L1 solver "
+                          "runs uncompiled (solver 'fused', the same flow, slower)", stacklevel=2)
+            return
+        print(f"torch TV-L1: solver compiled for {device_type} in {time.perf_counter() - start:.1f} s "
+              "(cached by Inductor for later runs)", file=sys.stderr)
+        self.step, self.median = step, median
+
+
+@functools.lru_cache(maxsize=4)
+def _steps(compiled: bool, device_type: str) -> _Steps:
+    return _Steps(compiled, device_type)
+
+
+def _solve_scale_fused(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TVL1Params, steps: _Steps,
+                       check_every: int) -> torch.Tensor:
+    """:func:`_solve_scale` with the stopping flags kept on the device and read every ``check_every`` iterations.
+
+    A sample that meets the stopping rule is frozen by a mask inside the step (it does not move), so it stops after
+    exactly OpenCV's number of iterations however late the host notices; at each read, frozen samples are written
+    back and leave the working batch, so finished pairs cost at most ``check_every`` frozen iterations. On a GPU this
+    replaces one host synchronisation per iteration by one per ``check_every``; ``check_every=1`` is the reference's
+    schedule.
+    """
+    batch, _, height, width = u.shape
+    scaled_epsilon = float(np.float32(params.epsilon * params.epsilon * height * width))
+    l_t, taut = params.lambda_ * params.theta, params.tau / params.theta
+    network = _median_network(params.medianFiltering ** 2)
+    i1x, i1y = _centred_gradient(i1)
+    i1_stack = torch.stack((i1, i1x, i1y), dim=1)
+    u = u.clone()
+    px = torch.zeros_like(u)
+    py = torch.zeros_like(u)
+    for _ in range(params.warps):
+        warped = _warp_bicubic(i1_stack, u[:, :2])
+        i1w, i1wx, i1wy = warped[:, 0], warped[:, 1], warped[:, 2]
+        grad = i1wx * i1wx + i1wy * i1wy
+        rho_c = i1w - i1wx * u[:, 0] - i1wy * u[:, 1] - i0
+        step_dir = torch.cat((warped[:, 1:], torch.full_like(u[:, 2:], params.gamma)), dim=1)
+        rows = torch.arange(batch, device=u.device)  # the working batch's samples in the full batch
+        live = torch.ones(batch, dtype=torch.bool, device=u.device)
+        work = [u, px, py, step_dir, rho_c, grad]
+        for _outer in range(params.outerIterations):
+            if params.medianFiltering > 1:
+                work[0] = steps.median(work[0], live, params.medianFiltering, network)
+            for inner in range(params.innerIterations):
+                work[0], work[1], work[2], live = steps.step(*work, live, l_t, taut, params.theta, scaled_epsilon)
+                if (inner + 1) % check_every and inner + 1 < params.innerIterations:
+                    continue
+                if bool(live.all()):
+                    continue
+                stopped = ~live
+                for full, part in zip((u, px, py), work):
+                    full[rows[stopped]] = part[stopped]
+                rows, work, live = rows[live], [t[live] for t in work], live[live]
+                if rows.numel() == 0:
+                    break
+            if rows.numel() == 0:
+                break
+        for full, part in zip((u, px, py), work):
+            full[rows] = part
+    return u
+
+
+def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params = TVL1Params(), *,
+                    solver: str = "eager", check_every: int | None = None) -> torch.Tensor:
     """Dual TV-L1 optical flow from ``prev`` to ``next`` for a batch of grayscale pairs, as OpenCV computes it.
 
     prev, next: (B, H, W) float32 grey levels in [0, 255] (OpenCV's 8-bit input converted to float), on any device.
     Returns (B, 2, H, W) float32 on the same device: channel 0 is u (horizontal, + right), channel 1 is v (vertical,
     + down), in pixels, such that ``prev[y, x] ~ next[y + v, x + u]``. See the module docstring for the algorithm and
     the documented differences from OpenCV.
+
+    solver: see :data:`SOLVERS`. check_every: for the fused solvers, inner iterations between two reads of the
+    stopping flags; results do not depend on it, only how many frozen iterations finished pairs cost (default 1 on
+    the CPU, where a read is free, and 10 on a GPU, where each read waits for the device).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
     if prev.ndim != 3 or prev.shape != next.shape:
         raise ValueError(f"prev and next must both be (B, H, W), got {tuple(prev.shape)} and {tuple(next.shape)}")
     if prev.shape[1] < 3 or prev.shape[2] < 3:
@@ -318,7 +466,11 @@ def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params =
     u = prev.new_zeros(batch, channels, *sizes[-1])
     for level in range(len(sizes) - 1, -1, -1):
         i0, i1 = pyramid[level]
-        u = _solve_scale(i0, i1, u, params)
+        if solver == "eager":
+            u = _solve_scale(i0, i1, u, params)
+        else:
+            every = check_every or (1 if prev.device.type == "cpu" else 10)
+            u = _solve_scale_fused(i0, i1, u, params, _steps(solver == "compiled", prev.device.type), every)
         if level == 0:
             break
         finer = sizes[level - 1]
@@ -328,7 +480,7 @@ def tvl1_flow_torch(prev: torch.Tensor, next: torch.Tensor, params: TVL1Params =
     return u[:, :2].contiguous()
 
 
-def _to_gray(frames: np.ndarray) -> np.ndarray:
+def rgb_to_gray(frames: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) uint8 RGB -> (T, H, W) uint8 with ``cv2.COLOR_RGB2GRAY`` (one call for all frames)."""
     t, h, w, _ = frames.shape
     return cv2.cvtColor(np.ascontiguousarray(frames).reshape(t * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(t, h, w)
@@ -339,6 +491,7 @@ def tvl1_flow_frames(
     params: TVL1Params = TVL1Params(),
     device: str | torch.device = "cpu",
     batch_size: int = 32,
+    solver: str = "eager",
 ) -> np.ndarray:
     """TV-L1 flow between consecutive frames of one clip: (T, H, W, 3) uint8 RGB -> (T - 1, H, W, 2) float32.
 
@@ -346,21 +499,102 @@ def tvl1_flow_frames(
     pairs (t, t + 1) are solved ``batch_size`` at a time on ``device``; memory on the device is bounded by the batch.
     Flow channels are (u, v) in pixels, as ``cv2.optflow.DualTVL1OpticalFlow.calc`` returns them.
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
-    if frames.shape[0] < 2:
-        raise ValueError(f"need at least 2 frames for flow, got {frames.shape[0]}")
+    ((_, flow),) = tvl1_flow_videos([(None, frames)], params, device=device, batch_size=batch_size, solver=solver)
+    if isinstance(flow, Exception):
+        raise flow
+    return flow
+
+
+@dataclass
+class _Video:
+    """A video in the batcher: its grey frames, its flow as solved so far, and how many pairs are sent / solved."""
+
+    tag: Any
+    gray: torch.Tensor  # (T, H, W) uint8 on the host
+    flow: np.ndarray  # (T - 1, H, W, 2) float32
+    sent: int = 0
+    solved: int = 0
+    error: Exception | None = None
+
+    @property
+    def pairs(self) -> int:
+        return len(self.flow)
+
+
+def tvl1_flow_videos(
+    videos: Iterable[tuple[Any, np.ndarray]],
+    params: TVL1Params = TVL1Params(),
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    solver: str = "eager",
+) -> Iterator[tuple[Any, np.ndarray | Exception]]:
+    """Flow of many videos, their frame pairs batched across videos: ``(tag, frames)`` in, ``(tag, flow)`` out.
+
+    Why: one video's pairs are too few to fill a GPU (a UCF-101 clip has ~180), and the solver's cost on a GPU barely
+    grows with the batch (BENCHMARKS.md, device check), so pairs from consecutive videos share batches of
+    ``batch_size``. Videos come out in the order they went in, each as soon as its last pair is solved, so the caller
+    can consume a generator (decoding ahead) and write each video while later ones are still being solved.
+    frames: (T, H, W, 3) uint8 RGB, T >= 2, every video the same size. A batch that fails (e.g. out of memory) fails
+    the videos with pairs in it: their ``flow`` is the exception, and the others go on.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    gray = torch.from_numpy(_to_gray(frames))
-    n_pairs = gray.shape[0] - 1
-    out = np.empty((n_pairs, *gray.shape[1:], 2), dtype=np.float32)
-    for start in range(0, n_pairs, batch_size):
-        stop = min(start + batch_size, n_pairs)
-        chunk = gray[start : stop + 1].to(device).float()  # uint8 over the bus: a quarter of the bytes
-        flow = tvl1_flow_torch(chunk[:-1], chunk[1:], params)
-        out[start:stop] = flow.permute(0, 2, 3, 1).cpu().numpy()
-    return out
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+    pending: collections.deque[_Video] = collections.deque()
+    exhausted = False
+    source = iter(videos)
+    while pending or not exhausted:
+        while not exhausted and sum(v.pairs - v.sent for v in pending) < batch_size:
+            item = next(source, None)
+            if item is None:
+                exhausted = True
+                break
+            tag, frames = item
+            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+                raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
+            if frames.shape[0] < 2:
+                raise ValueError(f"need at least 2 frames for flow, got {frames.shape[0]}")
+            height, width = frames.shape[1:3]
+            pending.append(_Video(tag, torch.from_numpy(rgb_to_gray(frames)),
+                                  np.empty((len(frames) - 1, height, width, 2), dtype=np.float32)))
+        _solve_batch(pending, batch_size, params, device, solver)
+        while pending and pending[0].solved == pending[0].pairs:
+            done = pending.popleft()
+            yield done.tag, done.error or done.flow
+
+
+def _solve_batch(pending: collections.deque[_Video], batch_size: int, params: TVL1Params,
+                 device: str | torch.device, solver: str) -> None:
+    """Solve up to ``batch_size`` unsent pairs of the pending videos, in order, and file each flow with its video."""
+    parts = []  # (video, first pair, pairs)
+    room = batch_size
+    for video in pending:
+        take = min(room, video.pairs - video.sent)
+        if take:
+            parts.append((video, video.sent, take))
+            video.sent += take
+            room -= take
+        if room == 0:
+            break
+    if not parts:
+        return
+    try:
+        # uint8 over the bus (a quarter of the bytes of float32); prev and next of a video share its frames
+        prev = torch.cat([v.gray[first:first + n] for v, first, n in parts]).to(device).float()
+        nxt = torch.cat([v.gray[first + 1:first + n + 1] for v, first, n in parts]).to(device).float()
+        flow = tvl1_flow_torch(prev, nxt, params, solver=solver).permute(0, 2, 3, 1).cpu().numpy()
+    except Exception as err:  # noqa: BLE001 - the batch's videos fail with the reason; later batches go on
+        for video, _, _ in parts:
+            video.error = video.error or err
+            video.sent = video.solved = video.pairs
+        return
+    offset = 0
+    for video, first, n in parts:
+        video.flow[first:first + n] = flow[offset:offset + n]
+        video.solved += n
+        offset += n
 
 
 def known_flow_pair(target: np.ndarray, amplitude: float = 1.5) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from model.evaluate import (
     video_metrics,
     write_reports,
 )
-from model.fusion import fuse_results
+from model.fusion import fuse_results, parse_weights
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
 
 CLASSES = ["jump", "run", "wave"]
@@ -256,3 +256,36 @@ def test_fusion_refuses_scores_from_different_checkpoint_choices(tmp_path):
                     tmp_path / run / "eval" / "scores_split1.npz")
     res = CliRunner().invoke(main, ["evaluate", "--fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--splits", "1"])
     assert res.exit_code == 1 and "different checkpoint choices" in res.output and "'last'" in res.output
+
+
+def test_cli_single_split_run_hints_at_checkpoint_and_bad_devices_are_one_line(tmp_path, net_state):
+    shard_dir = write_shards(tmp_path / "shards")
+    run = tmp_path / "single"
+    run.mkdir()
+    save_checkpoint(run / "best.pt", checkpoint(net_state, shard_dir, split=1))  # `train` without --splits
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--splits", "1", "--device", "cpu"])
+    assert res.exit_code == 1 and f"pass --checkpoint {run / 'best.pt'}" in res.output
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--splits", "1", "--checkpoint", str(run / "best.pt"),
+                                    "--clips", "1", "--crops", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for device, reason in (("bogus", "not a device"), ("cuda:99", "CUDA device")):
+        res = CliRunner().invoke(main, ["evaluate", str(run), "--splits", "1", "--device", device])
+        assert res.exit_code == 1 and reason in res.output and res.exc_info[0] is SystemExit
+
+
+def test_checkpoint_whose_settings_do_not_fit_its_weights_is_one_line(tmp_path, net_state):
+    shard_dir = write_shards(tmp_path / "shards")
+    state = checkpoint(net_state, shard_dir, split=1)
+    state["model_kwargs"] = {**state["model_kwargs"], "num_classes": len(CLASSES) + 1}  # edited settings
+    run = tmp_path / "run"
+    (run / "split1").mkdir(parents=True)
+    save_checkpoint(run / "split1" / "best.pt", state)
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--splits", "1", "--device", "cpu"])
+    assert res.exit_code == 1 and res.exc_info[0] is SystemExit
+    assert str(run / "split1" / "best.pt") in res.output and "do not fit its weights" in res.output
+
+
+def test_fusion_weights_must_be_finite():
+    with pytest.raises(ValueError, match="finite"):
+        parse_weights("nan,1")
+    assert parse_weights("1,2.5") == [1.0, 2.5]

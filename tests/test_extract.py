@@ -54,7 +54,7 @@ def test_tvl1_shards_hold_exact_frames_true_motion_and_failures(tmp_path: Path) 
     failed = {f["video_id"] for f in shards.failures}
     assert failed == {f"right/{p.stem}" for p in bad.values()}
     assert all(str(root) in f["reason"] for f in shards.failures)  # each reason names the file
-    assert shards.schema.config["flow"]["name"] == "cpu"
+    assert {r["backend"] for r in shards.recorded.values()} == {"cpu"}
     for vid, frames in truth.items():
         np.testing.assert_array_equal(shards.read(vid, "rgb"), frames)
         flow = shards.read(vid, "flow")
@@ -83,7 +83,7 @@ def test_rerun_is_noop_and_mismatched_config_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="videos_per_shard"):
         extract_flow(index, out, _cfg(per_shard=1), progress=False)
     redone = extract_flow(index, out, _cfg(backend="farneback"), overwrite=True, progress=False)
-    assert redone.shards_skipped == 0 and ShardSet(out).schema.config["flow"]["name"] == "farneback"
+    assert redone.shards_skipped == 0 and ShardSet(out).schema.config["flow"]["algorithm"] == "farneback"
 
 
 def test_killed_run_resumes_without_redoing_finished_shards(tmp_path: Path) -> None:

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from pipeline.decode import DecodeConfig, decode_video
+from pipeline.errors import ConfigError
 from pipeline.flow import (
     BACKENDS,
     FlowBackendUnavailable,
     TVL1Params,
     backend_metadata,
+    backend_record,
     cuda_available,
+    flow_identity,
     make_backend,
     resolve_backend,
 )
@@ -83,8 +86,10 @@ def test_cuda_is_unavailable_here_with_a_clear_error() -> None:
 def test_torch_on_a_missing_gpu_errors_clearly() -> None:
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here")
-    with pytest.raises(FlowBackendUnavailable, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="no CUDA device"):
         make_backend("torch", device="cuda")
+    with pytest.raises(ConfigError, match="not a device"):
+        make_backend("torch", device="bogus")
 
 
 def test_auto_prefers_cuda_then_torch_gpu_then_cpu() -> None:
@@ -105,16 +110,19 @@ def test_explicit_names_resolve_to_themselves_and_unknown_names_list_choices() -
 @pytest.mark.parametrize(("name", "algorithm"), [("dis", "dis"), ("farneback", "farneback")])
 def test_fast_backends_are_labelled_non_tvl1(name: str, algorithm: str) -> None:
     meta = backend_metadata(make_backend(name))
-    assert meta["name"] == name and meta["algorithm"] == algorithm and meta["is_tvl1"] is False
+    assert meta["algorithm"] == algorithm and meta["is_tvl1"] is False
+    assert backend_record(make_backend(name))["backend"] == name
 
 
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_tvl1_metadata_records_params_and_versions(name: str) -> None:
     params = TVL1Params(lambda_=0.1, nscales=3)
-    meta = backend_metadata(make_backend(name, params, device="cpu"))
-    assert meta["algorithm"] == "tvl1" and meta["is_tvl1"] is True and meta["device"] == "cpu"
-    assert meta["params"] == dataclasses.asdict(params)
-    assert meta["opencv_version"] == cv2.__version__ and meta["torch_version"] == torch.__version__
+    backend = make_backend(name, params, device="cpu")
+    meta = backend_metadata(backend)
+    assert meta == {"algorithm": "tvl1", "is_tvl1": True, "params": dataclasses.asdict(params)}
+    assert flow_identity(name, params) == meta  # the same identity without building the backend
+    solver = {"solver": "eager"} if name == "torch" else {}  # auto on a CPU
+    assert backend_record(backend) == {"backend": name, "device": "cpu", "torch": torch.__version__, **solver}
 
 
 def test_bad_frames_are_rejected() -> None:

@@ -53,7 +53,7 @@ def write_flow_dir(root: Path, videos: list[tuple[str, np.ndarray, np.ndarray]],
                    skip_shards: tuple[int, ...] = ()) -> Path:
     """A flow shard directory as extract-flow writes it, holding ``videos`` = [(id, rgb, flow)]."""
     schema = Schema(kind="flow", height=H, width=W, fields=FLOW_FIELDS,
-                    config={"flow": {"name": backend, "params": {"lambda_": 0.15}}, "videos_per_shard": per_shard})
+                    config={"flow": {"algorithm": backend, "params": {"lambda_": 0.15}}, "videos_per_shard": per_shard})
     plan = [[v[0] for v in videos[i:i + per_shard]] for i in range(0, len(videos), per_shard)]
     prepare_output(root, schema, {"kind": "folder", "classes": ["move", "still"]}, plan)
     for index, ids in enumerate(plan):
@@ -177,10 +177,10 @@ def test_rerun_is_a_noop_and_other_configurations_are_refused(flow_dir: Path, tm
     with pytest.raises(StoreError, match="modalities"):
         build_rgbf(flow_dir, out, BuildConfig(modalities=("rgb", "rgbf"), storage="lzf"), progress=False)
     other_flow = write_flow_dir(tmp_path / "dis", [(f"v{i}", *square_video(i)) for i in range(3)], backend="dis")
-    with pytest.raises(StoreError, match="source.flow.name"):
+    with pytest.raises(StoreError, match="source.flow.algorithm"):
         build_rgbf(other_flow, out, cfg, progress=False)
     rebuilt = build_rgbf(other_flow, out, cfg, overwrite=True, progress=False)
-    assert rebuilt.shards_built == 2 and ShardSet(out).schema.config["source"]["flow"]["name"] == "dis"
+    assert rebuilt.shards_built == 2 and ShardSet(out).schema.config["source"]["flow"]["algorithm"] == "dis"
 
 
 def test_waiting_input_shards_are_built_on_a_later_run(tmp_path: Path) -> None:

@@ -24,11 +24,18 @@ from pipeline.tvl1_torch import (
     known_flow_pair,
     tvl1_flow_frames,
     tvl1_flow_torch,
+    tvl1_flow_videos,
 )
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
-# The acceptance bound of issue 8: mean end-point error between this backend and OpenCV on real frames.
-MAX_EPE_VS_OPENCV = 0.25
+VIDEOS = Path(__file__).resolve().parent / "data" / "real_clips" / "ucf101"
+# The exactness contract (issue 11): mean end-point error between this backend and OpenCV on real frames (measured:
+# ~0.01 px here and on a GPU, BENCHMARKS.md).
+MAX_EPE_VS_OPENCV = 0.05
+# Between the reference (eager) solver and the compiled one (the fused one is bitwise equal to eager): Inductor
+# contracts and reorders float ops, and the iterations amplify the rounding to ~0.01 px (measured 0.008-0.011 px at
+# 171x128, the same order as either solver's distance to OpenCV).
+MAX_EPE_BETWEEN_SOLVERS = 0.015
+FAST = TVL1Params(nscales=2, warps=1, outerIterations=2, innerIterations=5)
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +50,8 @@ def one_thread():
 
 
 def _gray_frames(name: str, height: int, width: int, count: int) -> np.ndarray:
-    """The first ``count`` frames of a shared test video, decoded with ffmpeg at HxW: (T, H, W, 3) uint8."""
+    """The first ``count`` frames of a real test clip, decoded with ffmpeg at HxW: (T, H, W, 3) uint8."""
     path = VIDEOS / name
-    if not path.is_file():
-        pytest.skip(f"{path} not present (the shared test videos are not part of this checkout)")
     return decode_video(path, DecodeConfig(height=height, width=width, max_frames=count))
 
 
@@ -119,7 +124,7 @@ def test_bicubic_warp_matches_opencv_remap_including_borders():
     np.testing.assert_allclose(ours, ref, atol=2e-3)
 
 
-@pytest.mark.parametrize("video", ["bikes.mp4", "carphone_pristine.mp4"])
+@pytest.mark.parametrize("video", ["PushUps/v_PushUps_g02_c03.avi", "Basketball/v_Basketball_g01_c02.mp4"])
 def test_real_frames_match_opencv(video):
     frames = _gray_frames(video, 48, 64, 3)
     params = TVL1Params()
@@ -131,14 +136,14 @@ def test_real_frames_match_opencv(video):
 
 
 def test_illumination_term_matches_opencv():
-    frames = _gray_frames("bikes.mp4", 48, 64, 2)
+    frames = _gray_frames("PushUps/v_PushUps_g02_c03.avi", 48, 64, 2)
     params = TVL1Params(gamma=0.1, nscales=3, warps=3)
     assert _epe(tvl1_flow_frames(frames, params), _opencv_flows(frames, params)) <= MAX_EPE_VS_OPENCV
 
 
 def test_known_smooth_flow_no_worse_than_opencv():
     """A real frame warped by a smooth known field: error against the truth within 10% of OpenCV's."""
-    target = cv2.cvtColor(_gray_frames("bikes.mp4", 72, 96, 1)[0], cv2.COLOR_RGB2GRAY)
+    target = cv2.cvtColor(_gray_frames("PushUps/v_PushUps_g02_c03.avi", 72, 96, 1)[0], cv2.COLOR_RGB2GRAY)
     source, truth = known_flow_pair(target, amplitude=1.5)
     assert np.abs(truth).max() > 1.4
     params = TVL1Params()
@@ -152,7 +157,8 @@ def test_known_smooth_flow_no_worse_than_opencv():
 
 def test_batch_gives_each_pair_its_own_answer():
     """Pairs stop iterating at different times; batching must not change any pair's flow."""
-    frames = np.concatenate([_gray_frames("carphone_pristine.mp4", 48, 64, 2), _gray_frames("bikes.mp4", 48, 64, 2)])
+    frames = np.concatenate([_gray_frames("Basketball/v_Basketball_g01_c02.mp4", 48, 64, 2),
+                             _gray_frames("PushUps/v_PushUps_g02_c03.avi", 48, 64, 2)])
     gray = torch.from_numpy(np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])).float()
     prev, nxt = gray[[0, 2]], gray[[1, 3]]
     params = TVL1Params(nscales=3, warps=2)
@@ -163,7 +169,7 @@ def test_batch_gives_each_pair_its_own_answer():
 
 
 def test_frames_are_batched_in_chunks_with_opencv_grey():
-    frames = _gray_frames("bikes.mp4", 24, 32, 4)
+    frames = _gray_frames("PushUps/v_PushUps_g02_c03.avi", 24, 32, 4)
     params = TVL1Params(nscales=2, warps=1, outerIterations=2, innerIterations=5)
     chunked = tvl1_flow_frames(frames, params, batch_size=2)
     whole = tvl1_flow_frames(frames, params, batch_size=8)
@@ -186,3 +192,45 @@ def test_bad_inputs_are_refused():
         tvl1_flow_frames(np.zeros((3, 8, 8, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="at least 2 frames"):
         tvl1_flow_frames(np.zeros((1, 8, 8, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("solver", ["fused", "compiled"])
+def test_fused_solvers_agree_with_the_reference_and_opencv(solver):
+    """At the paper's 128x171 (on tiny frames the iterations amplify rounding more: 0.02 px at 48x64)."""
+    frames = _gray_frames("PushUps/v_PushUps_g02_c03.avi", 128, 171, 3)
+    params = TVL1Params()
+    ours = tvl1_flow_frames(frames, params, batch_size=3, solver=solver)
+    eager = tvl1_flow_frames(frames, params, batch_size=3)
+    if solver == "fused":  # the same ops in the same order: the same floats
+        np.testing.assert_array_equal(ours, eager)
+    assert _epe(ours, eager) <= MAX_EPE_BETWEEN_SOLVERS
+    assert _epe(ours, _opencv_flows(frames, params)) <= MAX_EPE_VS_OPENCV
+
+
+def test_fused_flow_does_not_depend_on_when_the_stopping_flags_are_read():
+    """A pair that met the stopping rule is frozen by the mask, so reading the flags late changes nothing."""
+    frames = np.concatenate([_gray_frames("Basketball/v_Basketball_g01_c02.mp4", 48, 64, 3),
+                             _gray_frames("PushUps/v_PushUps_g02_c03.avi", 48, 64, 3)])
+    gray = torch.from_numpy(np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])).float()
+    prev, nxt = gray[[0, 1, 3, 4]], gray[[1, 2, 4, 5]]
+    every_iteration = tvl1_flow_torch(prev, nxt, solver="fused", check_every=1)
+    every_seventh = tvl1_flow_torch(prev, nxt, solver="fused", check_every=7)
+    torch.testing.assert_close(every_seventh, every_iteration, atol=0, rtol=0)
+
+
+def test_pairs_of_many_videos_share_batches_and_come_back_in_order():
+    source = _gray_frames("PushUps/v_PushUps_g02_c03.avi", 24, 32, 12)
+    clips = [source[0:4], source[4:6], source[6:12]]  # 3, 1 and 5 pairs in batches of 3: batches span videos
+    out = list(tvl1_flow_videos([(i, c) for i, c in enumerate(clips)], FAST, batch_size=3))
+    assert [tag for tag, _ in out] == [0, 1, 2]
+    for (_, flow), clip in zip(out, clips):
+        np.testing.assert_allclose(flow, tvl1_flow_frames(clip, FAST, batch_size=len(clip)), atol=1e-5, rtol=0)
+
+
+def test_a_failed_batch_fails_only_the_videos_in_it():
+    good = _gray_frames("PushUps/v_PushUps_g02_c03.avi", 24, 32, 3)
+    other_size = _gray_frames("PushUps/v_PushUps_g02_c03.avi", 16, 16, 3)
+    # batch 1 = video 0's two pairs + video 1's first: they cannot be stacked, so both fail; video 2 goes on
+    out = dict(tvl1_flow_videos([(0, good), (1, other_size), (2, good)], FAST, batch_size=3))
+    assert isinstance(out[0], RuntimeError) and isinstance(out[1], RuntimeError)
+    np.testing.assert_array_equal(out[2], tvl1_flow_frames(good, FAST, batch_size=3))

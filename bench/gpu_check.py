@@ -1,0 +1,579 @@
+"""The device check: every CUDA path of asym3d run, checked and timed in one short call (issue 12).
+
+Why one script: CI has no GPU, and a GPU machine is lent to only some sessions, for minutes, bare (no internet, no
+package registry). So the inputs are made here, travel with the tree, and one command on the device runs every
+section under its own time limit, printing progress as it goes, and writes one Markdown report (``OUT/gpu_check.md``)
+that goes into BENCHMARKS.md verbatim. ``--smoke`` runs the same code on the CPU at tiny sizes; the test suite runs it,
+so the script cannot rot between the sessions that have a GPU.
+
+Sections (each checks, then times; a failed check or an error fails its section, the others still run):
+
+- tvl1: torch TV-L1 (``pipeline.tvl1_torch``) on the device against OpenCV's CPU TV-L1 computed here, on real frames
+  at 171x128 and 340x256 (mean end-point error <= 0.05 px); pairs/s and peak memory over batch sizes.
+- train: the trainer itself (``model.train.train``: bf16 autocast, channels_last_3d and cuDNN autotuning on CUDA)
+  overfits c3d-b5, b5-asyConv345, b5-M2 and asym3d on real clips, eager and with ``--compile`` (loss finite and
+  falling); one resumed epoch; a checkpoint round trip. Then the step time at the paper's batch 16 and 16x112x112 of
+  every b5/b8 asymmetric variant, the MicroNets and asym3d as a ratio to its baseline, beside the MAC ratio and the
+  paper's Table 2 ratio.
+- loader: training clips/s from the carried JPEG shards with N DataLoader workers against the trainer's demand.
+- evaluate: a checkpoint trained on the device evaluated on the device and on the CPU (same predictions); views/s of
+  the paper's 25 clips x 10 crops protocol.
+- ddp: one DistributedDataParallel training step in a one-process group (NCCL on CUDA, gloo on CPU) against the same
+  step without DDP.
+
+Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/real_clips``):
+
+    make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the simplejpeg wheel for the device
+
+On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs + wheel, ~16 MiB; the tree itself is
+~4 MiB), command ``make gpu-check GPU_OUT=$OUT``, timeout_s 420 (the sections' limits add up to 340 s). Everything
+else the check imports (torch, numpy, h5py, tqdm, matplotlib, opencv-python-headless) is in the device's image; it
+never imports ffmpeg-python or OpenCV contrib there.
+
+Smoke (what the tests run): ``bench/gpu_check.py --prepare DIR --smoke && bench/gpu_check.py --inputs DIR --smoke
+--out OUT`` (under 3 minutes on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(REPO), str(BENCH)]  # run as a file from anywhere: the project and its bench helpers
+
+import model  # noqa: E402
+import step_time  # noqa: E402
+from loader_vs_trainer import loader_rate  # noqa: E402
+from model.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from model.evaluate import evaluate_split  # noqa: E402
+from model.train import TrainConfig, train  # noqa: E402
+from pipeline.store import VideoMeta  # noqa: E402
+from pipeline.tvl1_torch import TVL1Params, rgb_to_gray, tvl1_flow_frames, tvl1_flow_torch  # noqa: E402
+from train_shards import write_train_shards  # noqa: E402
+
+# The paper's Table 2 training speed (s/iter, batch 16 on its GPU), for the ratio to each family's baseline.
+PAPER_S_PER_ITER = {
+    "c3d-b5": 1.10, "b5-asyConv3": 0.85, "b5-asyConv4": 0.94, "b5-asyConv5": 0.94, "b5-asyConv34": 0.82,
+    "b5-asyConv35": 0.82, "b5-asyConv45": 0.83, "b5-asyConv345": 0.81,
+    "c3d-b8": 1.28, "b8-asyConv3": 0.99, "b8-asyConv4": 1.00, "b8-asyConv5": 1.03, "b8-asyConv34": 0.95,
+    "b8-asyConv35": 0.97, "b8-asyConv45": 0.97, "b8-asyConv345": 0.93,
+}
+COMPILE_NEEDS_S = 30.0  # a compiled overfit run starts only with this much of the section left (compile time)
+EPE_BOUND = 0.05  # px, mean end-point error against OpenCV's CPU TV-L1 (issue 11's exactness contract)
+REAL_CLIPS = [REPO.parent / "shared" / "data" / "real_clips", REPO / "tests" / "data" / "real_clips"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: ``FULL`` fills a GPU within the budget, ``SMOKE`` runs the same code on 2 CPU cores."""
+
+    flow_sources: dict[str, list[tuple[str, int, int]]]  # WxH -> (clip, first frame, frames) for the references
+    shard_sources: list[str]  # one class per clip: windows of it become that class's videos
+    shard_windows: int  # videos per class (the last tests, the others train)
+    shard_frames: int
+    tvl1_batches: dict[str, list[int]]
+    overfit_models: list[str]
+    compile_models: list[str]
+    overfit: dict[str, Any]  # TrainConfig fields of the overfit runs
+    step_models: list[str]
+    step_batch: int
+    step_clip: tuple[int, int, int]
+    step_rounds: int
+    loader_workers: list[int]
+    loader_batches: int
+    eval_compare_clips: int
+    eval_batches: list[int]
+    eval_workers: int
+    limits: dict[str, float] = field(default_factory=dict)  # section -> seconds
+
+
+UCF = "ucf101/{0}/v_{0}_{1}.avi".format
+TAI_CHI = "other/kinetics400_tai_chi/ta_chi.mp4"
+FULL = Plan(
+    flow_sources={"171x128": [(UCF("Basketball", "g01_c01"), 20, 9), (UCF("PushUps", "g02_c03"), 20, 9),
+                              (UCF("Punch", "g03_c01"), 20, 9)],
+                  "340x256": [(TAI_CHI, 40, 5),
+                              ("other/kinetics400_clean_and_jerk/clean_and_jerk.mp4", 40, 5)]},
+    shard_sources=[UCF("ApplyEyeMakeup", "g01_c01"), UCF("Basketball", "g01_c01"), UCF("PushUps", "g02_c03"),
+                   UCF("Punch", "g03_c01")],
+    shard_windows=3, shard_frames=48,
+    tvl1_batches={"171x128": [64, 256, 1024, 2048, 4096], "340x256": [64, 256, 1024]},
+    overfit_models=["c3d-b5", "b5-asyConv345", "b5-M2", "asym3d"],
+    compile_models=["c3d-b5", "b5-asyConv345", "b5-M2", "asym3d"],
+    overfit={"clip_len": 16, "crop": 112, "batch_size": 4, "epochs": 8, "lr": 1e-4, "dropout": 0.0, "workers": 4},
+    step_models=[n for n in model.list_models() if n.startswith(("c3d-", "b5-", "b8-")) or n == "asym3d"],
+    step_batch=16, step_clip=(16, 112, 112), step_rounds=10,
+    loader_workers=[0, 2, 4, 8, 16], loader_batches=40,
+    eval_compare_clips=2, eval_batches=[30, 250], eval_workers=8,
+    limits={"tvl1": 60, "train": 170, "steps": 45, "loader": 30, "evaluate": 40, "ddp": 15},
+)
+SMOKE = Plan(
+    flow_sources={"171x128": [(UCF("PushUps", "g02_c03"), 20, 3)], "340x256": [(TAI_CHI, 40, 2)]},
+    shard_sources=[UCF("PushUps", "g02_c03"), TAI_CHI],
+    shard_windows=3, shard_frames=16,
+    tvl1_batches={"171x128": [1, 2], "340x256": [1]},
+    overfit_models=["c3d-b5", "asym3d"],
+    compile_models=[],
+    overfit={"clip_len": 16, "crop": 16, "batch_size": 2, "epochs": 8, "lr": 1e-4, "dropout": 0.0, "workers": 1},
+    step_models=["c3d-b5", "b5-asyConv3", "b5-M2", "asym3d", "c3d-b8", "b8-asyConv3"],
+    step_batch=2, step_clip=(16, 32, 32), step_rounds=1,
+    loader_workers=[0, 1], loader_batches=2,
+    eval_compare_clips=1, eval_batches=[30], eval_workers=0,
+    limits={"tvl1": 60, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20},
+)
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ inputs (here)
+
+
+def find_clip(relative: str) -> Path:
+    for root in REAL_CLIPS:
+        if (root / relative).is_file():
+            return root / relative
+    raise SystemExit(f"{relative}: not found under {' or '.join(map(str, REAL_CLIPS))}")
+
+
+def prepare(dest: Path, plan: Plan) -> None:
+    """Write the inputs the device cannot make: decoded real frames with OpenCV CPU TV-L1 references, and shards."""
+    from pipeline.decode import DecodeConfig, decode_video  # ffmpeg: here only
+    from pipeline.flow import make_backend  # OpenCV contrib's TV-L1: here only
+
+    dest.mkdir(parents=True, exist_ok=True)
+    opencv = make_backend("cpu", TVL1Params())
+    for size, sources in plan.flow_sources.items():
+        width, height = (int(v) for v in size.split("x"))
+        arrays: dict[str, np.ndarray] = {}
+        for i, (clip, first, count) in enumerate(sources):
+            frames = decode_video(find_clip(clip), DecodeConfig(height=height, width=width,
+                                                                max_frames=first + count))[first:]
+            start = time.perf_counter()
+            arrays[f"frames{i}"], arrays[f"flow{i}"] = frames, opencv.compute(frames)
+            log(f"prepare: {clip} at {size}: {len(frames) - 1} OpenCV TV-L1 pairs in "
+                f"{time.perf_counter() - start:.1f} s")
+        np.savez_compressed(dest / f"tvl1_{size}.npz", **arrays)
+    videos = []
+    classes = [f"{Path(clip).parent.name}{i}" for i, clip in enumerate(plan.shard_sources)]
+    for label, clip in enumerate(plan.shard_sources):
+        frames = decode_video(find_clip(clip), DecodeConfig(max_frames=400))
+        starts = np.linspace(0, len(frames) - plan.shard_frames, plan.shard_windows).astype(int)
+        for w, start in enumerate(starts):
+            subset = "test" if w == plan.shard_windows - 1 else "train"
+            meta = VideoMeta(f"{classes[label]}/w{w}", label, classes[label], splits={1: subset})
+            videos.append((meta, frames[start:start + plan.shard_frames]))
+    write_train_shards(dest / "shards", videos, classes)
+    log(f"prepare: {len(videos)} videos of {plan.shard_frames} frames in {dest / 'shards'}")
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+class Section:
+    """One section's report lines, its verdict and its time limit (checked between steps: GPU work is not cut)."""
+
+    def __init__(self, name: str, limit_s: float):
+        self.name, self.limit_s = name, limit_s
+        self.start = time.monotonic()
+        self.lines: list[str] = []
+        self.failures: list[str] = []
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.limit_s - (time.monotonic() - self.start)
+
+    def has_time(self, what: str, needs_s: float = 0.0) -> bool:
+        """False (and the step recorded as skipped) once the limit is reached or ``needs_s`` would pass it."""
+        if self.left() > needs_s:
+            return True
+        self.skipped.append(what)
+        log(f"{self.name}: skipped {what} (section limit {self.limit_s:.0f} s)")
+        return False
+
+    def check(self, ok: bool, what: str) -> str:
+        if not ok:
+            self.failures.append(what)
+        return "ok" if ok else "**FAILED**"
+
+    def attempt(self, what: str, step: Callable[[], Any]) -> Any:
+        """Run one step; an exception fails the step (traceback in the report) and the section goes on."""
+        try:
+            return step()
+        except Exception as exc:  # one broken step must not hide the steps after it
+            self.failures.append(f"{what}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+            self.lines += ["", f"{what} raised:", "```", *traceback.format_exc().strip().splitlines()[-20:], "```", ""]
+            log(f"{self.name}: {what}: ERROR {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            return None
+
+    @property
+    def status(self) -> str:
+        if self.failures:
+            return "FAILED: " + "; ".join(self.failures)
+        return "ok" + (f" (skipped at the time limit: {', '.join(self.skipped)})" if self.skipped else "")
+
+
+@dataclass
+class Context:
+    plan: Plan
+    device: torch.device
+    inputs: Path
+    work: Path
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # results one section leaves for a later one
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> str:
+        if self.device.type != "cuda":
+            return "n/a"
+        return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}"
+
+
+def end_point_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(((a - b) ** 2).sum(axis=-1))
+
+
+def section_tvl1(ctx: Context, sec: Section) -> None:
+    sec.lines += ["Correctness: `tvl1_flow_frames` (the torch backend's path: uint8 to the device, batched pairs) "
+                  f"against OpenCV's CPU TV-L1 computed at preparation, default parameters; bound mean EPE <= "
+                  f"{EPE_BOUND} px.", "",
+                  "| size | pairs | mean EPE px | max EPE px | check |", "|---|---:|---:|---:|---|"]
+    grays: dict[str, np.ndarray] = {}
+    for size in ctx.plan.tvl1_batches:
+        data = np.load(ctx.inputs / f"tvl1_{size}.npz")
+        clips = [data[k] for k in sorted(data.files) if k.startswith("frames")]
+        refs = [data[k.replace("frames", "flow")] for k in sorted(data.files) if k.startswith("frames")]
+        errors = np.concatenate([end_point_error(tvl1_flow_frames(c, device=ctx.device, batch_size=len(c)), r).ravel()
+                                 for c, r in zip(clips, refs)])
+        ok = sec.check(errors.mean() <= EPE_BOUND, f"{size} mean EPE {errors.mean():.4f} px > {EPE_BOUND}")
+        sec.lines.append(f"| {size} | {sum(len(r) for r in refs)} | {errors.mean():.4f} | {errors.max():.3f} | {ok} |")
+        log(f"tvl1: {size} mean EPE {errors.mean():.4f} px")
+        grays[size] = np.stack([g for c in clips for g in zip(rgb_to_gray(c)[:-1], rgb_to_gray(c)[1:])])
+    sec.lines += ["", "Speed: `tvl1_flow_torch` on batches of real pairs (the prepared pairs repeated) already on the "
+                  "device, one call per batch after a warm-up call per size; peak = the allocator's peak in the call.",
+                  "", "| size | batch | s per batch | pairs/s | peak GiB |", "|---|---:|---:|---:|---:|"]
+    params = TVL1Params()
+    for size, batches in ctx.plan.tvl1_batches.items():
+        pairs = torch.from_numpy(grays[size]).to(ctx.device).float()  # (P, 2, H, W)
+        if not sec.has_time(f"tvl1 speed at {size}"):
+            break
+        tvl1_flow_torch(pairs[:1, 0], pairs[:1, 1], params)  # warm-up: kernels, allocator
+        last_rate = 0.0
+        for batch in batches:
+            if not sec.has_time(f"{size} batch {batch}", needs_s=batch / last_rate if last_rate else 0.0):
+                break
+            index = torch.arange(batch, device=ctx.device) % len(pairs)
+            prev, nxt = pairs[index, 0], pairs[index, 1]
+            ctx.sync()
+            ctx.reset_peak()
+            start = time.perf_counter()
+            tvl1_flow_torch(prev, nxt, params)
+            ctx.sync()
+            seconds = time.perf_counter() - start
+            last_rate = batch / seconds
+            sec.lines.append(f"| {size} | {batch} | {seconds:.2f} | {last_rate:.1f} | {ctx.peak_gib()} |")
+            log(f"tvl1: {size} batch {batch}: {last_rate:.1f} pairs/s")
+            del prev, nxt
+
+
+def overfit_config(ctx: Context, name: str, compiled: bool) -> TrainConfig:
+    out = ctx.work / "runs" / f"{name}{'-compiled' if compiled else ''}"
+    return TrainConfig(shard_dir=str(ctx.inputs / "shards"), out_dir=str(out), model=name, device=ctx.device.type,
+                       compile=compiled, progress=False, **ctx.plan.overfit)
+
+
+def section_train(ctx: Context, sec: Section) -> None:
+    plan = ctx.plan
+    sec.lines += [f"Overfit: `model.train.train` on {len(plan.shard_sources)} classes of real clips (split 1), "
+                  + ", ".join(f"{k} {v}" for k, v in plan.overfit.items())
+                  + "; loss must be finite and its last epoch below its first.", "",
+                  "| network | compile | loss first -> last epoch | train acc last | s | check |",
+                  "|---|---|---|---:|---:|---|"]
+    runs = [(n, False) for n in plan.overfit_models] + [(n, True) for n in plan.compile_models]
+    for name, compiled in runs:
+        what = f"overfit {name}{' compiled' if compiled else ''}"
+        if sec.has_time(what, needs_s=COMPILE_NEEDS_S if compiled else 0.0):
+            sec.attempt(what, lambda: overfit(ctx, sec, name, compiled))
+    first = plan.overfit_models[0]
+    if first in ctx.shared.get("checkpoints", {}) and sec.has_time("resume"):
+        sec.attempt("resume and checkpoint round trip", lambda: resume_and_round_trip(ctx, sec, first))
+
+
+def resume_and_round_trip(ctx: Context, sec: Section, name: str) -> None:
+    cfg = dataclasses.replace(overfit_config(ctx, name, False), epochs=ctx.plan.overfit["epochs"] + 1, resume=True)
+    history = train(cfg)["history"]
+    ok = sec.check(len(history) == cfg.epochs and math.isfinite(history[-1]["train_loss"]), "resume")
+    sec.lines += ["", f"Resume: {name} continued for one more epoch from its last.pt (optimizer state back onto "
+                  f"{ctx.device.type}): {len(history)} epochs, last loss {history[-1]['train_loss']:.3f}: {ok}.", ""]
+    sec.lines.append(checkpoint_round_trip(ctx, sec, ctx.shared["checkpoints"][name]))
+
+
+def overfit(ctx: Context, sec: Section, name: str, compiled: bool) -> None:
+    start = time.perf_counter()
+    summary = train(overfit_config(ctx, name, compiled))
+    losses = [row["train_loss"] for row in summary["history"]]
+    falling = all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    ok = sec.check(falling, f"{name}{' compiled' if compiled else ''} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    seconds = time.perf_counter() - start
+    sec.lines.append(f"| {name} | {'yes' if compiled else 'no'} | {losses[0]:.3f} -> {losses[-1]:.3f} | "
+                     f"{summary['history'][-1]['train_acc']:.2f} | {seconds:.1f} | {ok} |")
+    log(f"train: {name} compile={compiled}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {seconds:.1f} s")
+    if not compiled:
+        ctx.shared.setdefault("checkpoints", {})[name] = Path(summary["run_dir"]) / "last.pt"
+
+
+def checkpoint_round_trip(ctx: Context, sec: Section, path: Path) -> str:
+    """Load a device-trained checkpoint on the CPU, save it again, reload: same weights, same outputs on the device."""
+    state = load_checkpoint(path)
+    copy_path = ctx.work / "round_trip.pt"
+    save_checkpoint(copy_path, state)
+    again = load_checkpoint(copy_path)
+    same_weights = all(torch.equal(v, again["model_state"][k]) for k, v in state["model_state"].items())
+    nets = [build_model_from_checkpoint(s).to(ctx.device).eval() for s in (state, again)]
+    clip = state["model_kwargs"]["clip"]
+    x = torch.randn(2, 3, *clip, device=ctx.device)
+    with torch.no_grad():
+        same_outputs = torch.equal(nets[0](x), nets[1](x))
+    ok = sec.check(same_weights and same_outputs, "checkpoint round trip")
+    return (f"Checkpoint round trip: {path.name} loaded on the CPU (weights_only), saved, reloaded: weights equal "
+            f"{same_weights}, outputs on {ctx.device.type} equal {same_outputs}: {ok}.")
+
+
+def section_steps(ctx: Context, sec: Section) -> None:
+    """Training step of every network at the paper's batch, as the trainer runs it, timed per family round-robin."""
+    plan = ctx.plan
+    cuda = ctx.device.type == "cuda"
+    args = argparse.Namespace(device=ctx.device, batch=plan.step_batch, clip=plan.step_clip, channels_last=cuda,
+                              compile=False, amp=cuda)
+    clip_text = "x".join(map(str, plan.step_clip))
+    sec.lines += [f"Forward + cross-entropy + backward + SGD step at batch {plan.step_batch}, "
+                  f"{clip_text}, {'bf16 autocast, channels_last_3d, cuDNN autotuning' if cuda else 'float32'}; "
+                  f"fastest of {plan.step_rounds} round-robin rounds after 2 warm-up rounds (bench/step_time.py).",
+                  "", "| network | GMACs | MAC ratio | step ms | time ratio | paper ratio (Table 2) | clips/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+    torch.backends.cudnn.benchmark = True
+    families: dict[str, list[str]] = {}
+    for name in plan.step_models:
+        families.setdefault(model.get_spec(name).baseline, []).append(name)
+    for baseline, members in families.items():
+        names = [baseline] + [n for n in members if n != baseline]
+        if not sec.has_time(f"step times of the {baseline} family"):
+            continue
+        macs = {n: model.count(n, clip=plan.step_clip)[1] for n in names}
+        steps = {n: step_time.train_step(model.build_model(n, clip=plan.step_clip), args) for n in names}
+        times = step_time.round_robin(steps, plan.step_rounds, 2, ctx.device)
+        del steps
+        base_s = times[baseline][0]
+        for n in names:
+            wall = times[n][0]
+            paper = (f"{PAPER_S_PER_ITER[n] / PAPER_S_PER_ITER[baseline]:.2f}" if n in PAPER_S_PER_ITER else "")
+            sec.lines.append(f"| {n} | {macs[n] / 1e9:.2f} | {macs[n] / macs[baseline]:.2f} | {wall * 1e3:.1f} | "
+                             f"{wall / base_s:.2f} | {paper} | {plan.step_batch / wall:.1f} |")
+            ctx.shared.setdefault("clips_per_s", {})[n] = plan.step_batch / wall
+        log(f"train: step times of {len(names)} networks of the {baseline} family measured")
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def section_loader(ctx: Context, sec: Section) -> None:
+    demand = {n: r for n, r in ctx.shared.get("clips_per_s", {}).items() if n in ("c3d-b5", "asym3d")}
+    sec.lines += [f"Training DataLoader (`model.data.TrainClips`, batch 16, random 16x112x112 crops and flips, "
+                  f"normalised, from the carried JPEG q90 4:2:0 shards) against the trainer's demand (clips/s of one "
+                  f"training process from the step-time table above). Host: {os.cpu_count()} CPUs.", "",
+                  "| workers | loader clips/s | " + " | ".join(f"x {n} demand" for n in demand) + " |",
+                  "|---:|---:|" + "---:|" * len(demand)]
+    torch.set_num_threads(1)  # as in DataLoader workers: workers=0 is not charged for intra-op threads
+    try:
+        for workers in ctx.plan.loader_workers:
+            if not sec.has_time(f"loader with {workers} workers"):
+                break
+            rate = loader_rate(ctx.inputs / "shards", workers, ctx.plan.loader_batches)
+            sec.lines.append(f"| {workers} | {rate:.1f} | " + " | ".join(f"{rate / d:.2f}" for d in demand.values())
+                             + " |")
+            log(f"loader: {workers} workers: {rate:.1f} clips/s")
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def section_evaluate(ctx: Context, sec: Section) -> None:
+    checkpoints = ctx.shared.get("checkpoints", {})
+    if not checkpoints:
+        sec.check(False, "no checkpoint from the train section")
+        return
+    name, path = next(iter(checkpoints.items()))
+    shards = ctx.inputs / "shards"
+    clips = ctx.plan.eval_compare_clips
+    results = {dev: evaluate_split(path, shards, 1, clips=clips, crops=10, device=dev, progress=False)
+               for dev in (ctx.device.type, "cpu")}
+    here, cpu = results[ctx.device.type], results["cpu"]
+    diff = float(np.abs(here.scores - cpu.scores).max())
+    ranked = np.sort(cpu.scores, axis=1)
+    margin = ranked[:, -1] - ranked[:, -2]  # a prediction may flip only where rounding can bridge the top-2 gap
+    same = (here.scores.argmax(1) == cpu.scores.argmax(1)) | (margin <= 2 * diff)
+    ok = sec.check(bool(same.all()) and diff < 0.05, f"{ctx.device.type} and CPU predictions differ")
+    sec.lines += [f"Device against CPU: {name} trained above ({path.name}), split 1's {len(cpu.video_ids)} test "
+                  f"videos, {clips} clips x 10 crops: {int((here.scores.argmax(1) == cpu.scores.argmax(1)).sum())} of "
+                  f"{len(same)} predictions equal (smallest CPU top-2 margin {margin.min():.4f}), largest softmax "
+                  f"difference {diff:.4f} (autocast on the device, float32 on the CPU): {ok}.", "",
+                  "Throughput: `evaluate_split`, 25 clips x 10 crops per test video (the paper's protocol), "
+                  f"{ctx.plan.eval_workers} loader workers; views/s of the whole call (views built, moved, scored).",
+                  "", "| network | batch (views) | views | s | views/s |", "|---|---:|---:|---:|---:|"]
+    for name, path in checkpoints.items():
+        for batch in ctx.plan.eval_batches:
+            if not sec.has_time(f"evaluate {name} batch {batch}"):
+                return
+            sec.attempt(f"evaluate {name} batch {batch}", lambda: evaluation_rate(ctx, sec, name, path, batch))
+
+
+def evaluation_rate(ctx: Context, sec: Section, name: str, path: Path, batch: int) -> None:
+    start = time.perf_counter()
+    result = evaluate_split(path, ctx.inputs / "shards", 1, batch_size=batch, device=ctx.device.type,
+                            workers=ctx.plan.eval_workers, progress=False)
+    seconds = time.perf_counter() - start
+    views = int(result.views.sum())
+    sec.lines.append(f"| {name} | {batch} | {views} | {seconds:.2f} | {views / seconds:.0f} |")
+    log(f"evaluate: {name} batch {batch}: {views / seconds:.0f} views/s")
+
+
+def section_ddp(ctx: Context, sec: Section) -> None:
+    """One DDP step in a group of one (NCCL on CUDA, as torchrun runs the trainer) must equal the plain step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{ctx.work / 'ddp_store'}", rank=0, world_size=1)
+    try:
+        clip = (16, 32, 32)
+        torch.manual_seed(0)
+        plain = model.build_model("c3d-b5", num_classes=4, clip=clip, dropout=0.0).to(ctx.device)
+        wrapped = copy.deepcopy(plain)
+        ddp = DistributedDataParallel(wrapped, device_ids=[ctx.device.index or 0] if ctx.device.type == "cuda"
+                                      else None)
+        x = torch.randn(4, 3, *clip, device=ctx.device)
+        y = torch.tensor([0, 1, 2, 3], device=ctx.device)
+        for net in (plain, ddp):
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        pairs = zip(plain.state_dict().values(), wrapped.state_dict().values())
+        worst = max(float((a - b).abs().max()) for a, b in pairs)
+        total = torch.ones(1, device=ctx.device)
+        dist.all_reduce(total)
+        ok = sec.check(worst < 1e-5 and float(total) == 1.0, f"DDP step differs from the plain step by {worst:.2e}")
+        sec.lines.append(f"{backend} process group of one, c3d-b5 at {'x'.join(map(str, clip))}, one SGD step: largest "
+                         f"weight difference to the plain step {worst:.2e}; all_reduce {float(total):.0f}: {ok}.")
+        log(f"ddp: {backend} step matches the plain step ({worst:.2e})")
+    finally:
+        dist.destroy_process_group()
+
+
+SECTIONS: dict[str, Callable[[Context, Section], None]] = {
+    "tvl1": section_tvl1, "train": section_train, "steps": section_steps, "loader": section_loader,
+    "evaluate": section_evaluate,    "ddp": section_ddp,
+}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def machine_lines(device: torch.device) -> list[str]:
+    lines = [f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- host: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            driver = "unknown (no nvidia-smi)"
+        lines.insert(0, f"- device: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                        f"{props.multi_processor_count} SMs, driver {driver}")
+    else:
+        lines.insert(0, "- device: CPU (no CUDA device)")
+    return lines
+
+
+def run(args: argparse.Namespace, plan: Plan) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chosen = [s for s in (args.sections.split(",") if args.sections else SECTIONS)]
+    for name in chosen:
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown section {name!r}; valid: {', '.join(SECTIONS)}")
+    if not (args.inputs / "shards").is_dir():
+        raise SystemExit(f"{args.inputs}: no prepared inputs (run bench/gpu_check.py --prepare {args.inputs} here)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    header = [f"# asym3d device check ({'smoke, ' if args.smoke else ''}{device.type})", "", *machine_lines(device)]
+    body: list[str] = []
+    total_limit = sum(plan.limits[n] for n in chosen) * args.time_scale
+    verdicts: list[tuple[str, str, float]] = []
+
+    def write_report() -> list[str]:
+        summary = ["", "| section | status | s |", "|---|---|---:|",
+                   *(f"| {n} | {s} | {t:.0f} |" for n, s, t in verdicts),
+                   "", f"Total {time.monotonic() - started:.0f} s; the sections' limits add up to {total_limit:.0f} s."]
+        (args.out / "gpu_check.md").write_text("\n".join(header + summary + body) + "\n")
+        return summary
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        ctx = Context(plan, device, args.inputs, Path(work))
+        for name in chosen:
+            sec = Section(name, plan.limits[name] * args.time_scale)
+            log(f"{name}: start (limit {sec.limit_s:.0f} s)")
+            sec.attempt(name, lambda: SECTIONS[name](ctx, sec))
+            seconds = time.monotonic() - sec.start
+            verdicts.append((name, sec.status, seconds))
+            body += ["", f"## {name}: {sec.status} ({seconds:.0f} s of {sec.limit_s:.0f})", "", *sec.lines]
+            write_report()  # kept current: a run killed later still leaves the sections done so far
+            log(f"{name}: {sec.status} in {seconds:.0f} s")
+    print("\n".join(write_report()), flush=True)
+    (args.out / "gpu_check.json").write_text(json.dumps({n: s for n, s, _ in verdicts}, indent=1))
+    return 0 if all(s.startswith("ok") for _, s, _ in verdicts) else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepare", type=Path, metavar="DIR", help="write the inputs into DIR (here, not the device)")
+    parser.add_argument("--inputs", type=Path, default=Path(".gpu_check"), help="prepared inputs (default .gpu_check)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="report directory")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (what the tests run)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--sections", help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
+    args = parser.parse_args()
+    plan = SMOKE if args.smoke else FULL
+    if args.prepare:
+        prepare(args.prepare, plan)
+        return
+    sys.exit(run(args, plan))
+
+
+if __name__ == "__main__":
+    main()
