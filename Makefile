@@ -9,8 +9,9 @@ DEMO_DIR ?= demo_out
 GPU_INPUTS ?= .gpu_check
 GPU_OUT ?= gpu_check_out
 GPU_SITE ?= /tmp/asym3d-gpu-site
-# The one package the check needs that the device image lacks (training shards are JPEG), for its Python 3.12.
-GPU_WHEELS ?= simplejpeg==1.9.0
+# What the check needs that the device image lacks, for its Python 3.12: simplejpeg (training shards are JPEG) and
+# ffmpeg-python with imageio-ffmpeg's ffmpeg binary (the check runs extract-flow on real clips there).
+GPU_WHEELS ?= simplejpeg==1.9.0 ffmpeg-python==0.2.0 future==1.0.0 imageio-ffmpeg==0.7.0
 
 .PHONY: setup test demo clean gpu-check-inputs gpu-check
 
@@ -32,13 +33,15 @@ demo: setup
 gpu-check-inputs: setup
 	$(BIN)/python bench/gpu_check.py --prepare $(GPU_INPUTS)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_17_x86_64 -d $(GPU_INPUTS)/wheels $(GPU_WHEELS)
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-d $(GPU_INPUTS)/wheels $(GPU_WHEELS)
 	du -sh $(GPU_INPUTS)
 
 # No .venv: the device's python3 has torch with CUDA; the wheels go to a scratch site-packages.
 gpu-check:
 	python3 -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_INPUTS)/wheels/*.whl
-	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --inputs $(GPU_INPUTS) --out $(GPU_OUT)
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --inputs $(GPU_INPUTS) --out $(GPU_OUT) \
+		$(if $(GPU_SECTIONS),--sections $(GPU_SECTIONS))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) $(GPU_OUT) *.egg-info

@@ -25,10 +25,11 @@ Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/rea
 
     make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the simplejpeg wheel for the device
 
-On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs + wheel, ~16 MiB; the tree itself is
-~4 MiB), command ``make gpu-check GPU_OUT=$OUT``, timeout_s 420 (the sections' limits add up to 340 s). Everything
-else the check imports (torch, numpy, h5py, tqdm, matplotlib, opencv-python-headless) is in the device's image; it
-never imports ffmpeg-python or OpenCV contrib there.
+On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
+~5 MiB), command ``make gpu-check GPU_OUT=$OUT`` (all sections: their limits add up to 570 s, more than one call
+of a 15-minute lease should spend; ``GPU_SECTIONS=tvl1,extract`` picks some). Everything else it imports (torch,
+numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the device's image; OpenCV contrib is never
+imported there (its TV-L1 references are computed here).
 
 Smoke (what the tests run): ``bench/gpu_check.py --prepare DIR --smoke && bench/gpu_check.py --inputs DIR --smoke
 --out OUT`` (under 3 minutes on 2 CPU cores).
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,6 +104,10 @@ class Plan:
     eval_compare_clips: int
     eval_batches: list[int]
     eval_workers: int
+    tvl1_solvers: list[str]
+    extract_clips: list[str]  # real videos carried for extract-flow, one class per clip's folder
+    extract_solvers: list[str]
+    extract_max_frames: int
     limits: dict[str, float] = field(default_factory=dict)  # section -> seconds
 
 
@@ -115,7 +121,7 @@ FULL = Plan(
     shard_sources=[UCF("ApplyEyeMakeup", "g01_c01"), UCF("Basketball", "g01_c01"), UCF("PushUps", "g02_c03"),
                    UCF("Punch", "g03_c01")],
     shard_windows=3, shard_frames=48,
-    tvl1_batches={"171x128": [64, 256, 1024, 2048, 4096], "340x256": [64, 256, 1024]},
+    tvl1_batches={"171x128": [256, 1024, 4096], "340x256": [256, 1024]},
     overfit_models=["c3d-b5", "b5-asyConv345", "b5-M2", "asym3d"],
     compile_models=["c3d-b5", "b5-asyConv345", "b5-M2", "asym3d"],
     overfit={"clip_len": 16, "crop": 112, "batch_size": 4, "epochs": 8, "lr": 1e-4, "dropout": 0.0, "workers": 4},
@@ -123,7 +129,14 @@ FULL = Plan(
     step_batch=16, step_clip=(16, 112, 112), step_rounds=10,
     loader_workers=[0, 2, 4, 8, 16], loader_batches=40,
     eval_compare_clips=2, eval_batches=[30, 250], eval_workers=8,
-    limits={"tvl1": 60, "train": 170, "steps": 45, "loader": 30, "evaluate": 40, "ddp": 15},
+    tvl1_solvers=["eager", "compiled", "fused"],
+    extract_clips=[UCF(c, g) for c, g in (("ApplyEyeMakeup", "g01_c01"), ("Archery", "g01_c01"),
+                                           ("BaseballPitch", "g01_c01"), ("Basketball", "g01_c01"),
+                                           ("Basketball", "g02_c03"), ("Biking", "g05_c02"), ("HeadMassage", "g02_c05"),
+                                           ("PlayingGuitar", "g16_c02"), ("Punch", "g03_c01"), ("PushUps", "g02_c03"),
+                                           ("Shotput", "g05_c02"))],
+    extract_solvers=["compiled", "eager"], extract_max_frames=20000,
+    limits={"tvl1": 150, "extract": 70, "train": 170, "steps": 45, "loader": 30, "evaluate": 40, "ddp": 15},
 )
 SMOKE = Plan(
     flow_sources={"171x128": [(UCF("PushUps", "g02_c03"), 20, 3)], "340x256": [(TAI_CHI, 40, 2)]},
@@ -137,7 +150,9 @@ SMOKE = Plan(
     step_batch=2, step_clip=(16, 32, 32), step_rounds=1,
     loader_workers=[0, 1], loader_batches=2,
     eval_compare_clips=1, eval_batches=[30], eval_workers=0,
-    limits={"tvl1": 60, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20},
+    tvl1_solvers=["eager", "fused"],
+    extract_clips=[UCF("PushUps", "g02_c03"), TAI_CHI], extract_solvers=["eager"], extract_max_frames=3,
+    limits={"tvl1": 60, "extract": 60, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20},
 )
 
 
@@ -183,6 +198,10 @@ def prepare(dest: Path, plan: Plan) -> None:
             meta = VideoMeta(f"{classes[label]}/w{w}", label, classes[label], splits={1: subset})
             videos.append((meta, frames[start:start + plan.shard_frames]))
     write_train_shards(dest / "shards", videos, classes)
+    for clip in plan.extract_clips:  # extract-flow's input, as a folder dataset ROOT/<class>/<video>
+        target = dest / "videos" / Path(clip).parent.name / Path(clip).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(find_clip(clip), target)
     log(f"prepare: {len(videos)} videos of {plan.shard_frames} frames in {dest / 'shards'}")
 
 
@@ -260,46 +279,96 @@ def end_point_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def section_tvl1(ctx: Context, sec: Section) -> None:
+    solvers = ctx.plan.tvl1_solvers
     sec.lines += ["Correctness: `tvl1_flow_frames` (the torch backend's path: uint8 to the device, batched pairs) "
                   f"against OpenCV's CPU TV-L1 computed at preparation, default parameters; bound mean EPE <= "
-                  f"{EPE_BOUND} px.", "",
-                  "| size | pairs | mean EPE px | max EPE px | check |", "|---|---:|---:|---:|---|"]
+                  f"{EPE_BOUND} px for every solver.", "",
+                  "| size | pairs | solver | mean EPE px | max EPE px | EPE to eager px | check |",
+                  "|---|---:|---|---:|---:|---:|---|"]
     grays: dict[str, np.ndarray] = {}
     for size in ctx.plan.tvl1_batches:
         data = np.load(ctx.inputs / f"tvl1_{size}.npz")
         clips = [data[k] for k in sorted(data.files) if k.startswith("frames")]
-        refs = [data[k.replace("frames", "flow")] for k in sorted(data.files) if k.startswith("frames")]
-        errors = np.concatenate([end_point_error(tvl1_flow_frames(c, device=ctx.device, batch_size=len(c)), r).ravel()
-                                 for c, r in zip(clips, refs)])
-        ok = sec.check(errors.mean() <= EPE_BOUND, f"{size} mean EPE {errors.mean():.4f} px > {EPE_BOUND}")
-        sec.lines.append(f"| {size} | {sum(len(r) for r in refs)} | {errors.mean():.4f} | {errors.max():.3f} | {ok} |")
-        log(f"tvl1: {size} mean EPE {errors.mean():.4f} px")
+        refs = np.concatenate([data[k.replace("frames", "flow")] for k in sorted(data.files) if k.startswith("frames")])
         grays[size] = np.stack([g for c in clips for g in zip(rgb_to_gray(c)[:-1], rgb_to_gray(c)[1:])])
+        eager = None
+        for solver in solvers:
+            if not sec.has_time(f"tvl1 correctness {size} {solver}"):
+                continue
+            ours = np.concatenate([tvl1_flow_frames(c, device=ctx.device, batch_size=len(c), solver=solver)
+                                   for c in clips])
+            eager = ours if solver == "eager" else eager
+            errors = end_point_error(ours, refs)
+            to_eager = f"{end_point_error(ours, eager).mean():.4f}" if eager is not None else ""
+            ok = sec.check(errors.mean() <= EPE_BOUND, f"{size} {solver} mean EPE {errors.mean():.4f} px")
+            sec.lines.append(f"| {size} | {len(refs)} | {solver} | {errors.mean():.4f} | {errors.max():.3f} | "
+                             f"{to_eager} | {ok} |")
+            log(f"tvl1: {size} {solver} mean EPE {errors.mean():.4f} px")
     sec.lines += ["", "Speed: `tvl1_flow_torch` on batches of real pairs (the prepared pairs repeated) already on the "
-                  "device, one call per batch after a warm-up call per size; peak = the allocator's peak in the call.",
-                  "", "| size | batch | s per batch | pairs/s | peak GiB |", "|---|---:|---:|---:|---:|"]
+                  "device, one call per batch after a warm-up call per size and solver (the compiled solver's compile "
+                  "time is in the warm-up); peak = the allocator's peak in the call.", "",
+                  "| size | batch | solver | s per batch | pairs/s | peak GiB |", "|---|---:|---|---:|---:|---:|"]
     params = TVL1Params()
     for size, batches in ctx.plan.tvl1_batches.items():
         pairs = torch.from_numpy(grays[size]).to(ctx.device).float()  # (P, 2, H, W)
-        if not sec.has_time(f"tvl1 speed at {size}"):
-            break
-        tvl1_flow_torch(pairs[:1, 0], pairs[:1, 1], params)  # warm-up: kernels, allocator
-        last_rate = 0.0
-        for batch in batches:
-            if not sec.has_time(f"{size} batch {batch}", needs_s=batch / last_rate if last_rate else 0.0):
-                break
-            index = torch.arange(batch, device=ctx.device) % len(pairs)
-            prev, nxt = pairs[index, 0], pairs[index, 1]
-            ctx.sync()
-            ctx.reset_peak()
+        for solver in solvers:
+            if not sec.has_time(f"tvl1 speed at {size} ({solver})"):
+                continue
             start = time.perf_counter()
-            tvl1_flow_torch(prev, nxt, params)
-            ctx.sync()
-            seconds = time.perf_counter() - start
-            last_rate = batch / seconds
-            sec.lines.append(f"| {size} | {batch} | {seconds:.2f} | {last_rate:.1f} | {ctx.peak_gib()} |")
-            log(f"tvl1: {size} batch {batch}: {last_rate:.1f} pairs/s")
-            del prev, nxt
+            tvl1_flow_torch(pairs[:2, 0], pairs[:2, 1], params, solver=solver)  # warm-up: kernels, compile
+            log(f"tvl1: {size} {solver} warm-up {time.perf_counter() - start:.1f} s")
+            last_rate = 0.0
+            for batch in batches:
+                if not sec.has_time(f"{size} {solver} batch {batch}", needs_s=batch / last_rate if last_rate else 0.0):
+                    break
+                index = torch.arange(batch, device=ctx.device) % len(pairs)
+                prev, nxt = pairs[index, 0], pairs[index, 1]
+                ctx.sync()
+                ctx.reset_peak()
+                start = time.perf_counter()
+                tvl1_flow_torch(prev, nxt, params, solver=solver)
+                ctx.sync()
+                seconds = time.perf_counter() - start
+                last_rate = batch / seconds
+                sec.lines.append(f"| {size} | {batch} | {solver} | {seconds:.2f} | {last_rate:.1f} | "
+                                 f"{ctx.peak_gib()} |")
+                log(f"tvl1: {size} {solver} batch {batch}: {last_rate:.1f} pairs/s")
+                del prev, nxt
+
+
+def section_extract(ctx: Context, sec: Section) -> None:
+    """``asym3d extract-flow --backend torch`` end to end (ffmpeg decode ahead, pairs batched across videos)."""
+    from pipeline.store import ShardSet
+
+    videos = ctx.inputs / "videos"
+    count = sum(1 for _ in videos.rglob("*.*"))
+    sec.lines += [f"`asym3d extract-flow {videos.name} OUT --dataset folder --backend torch --solver S --device "
+                  f"{ctx.device.type} --max-frames {ctx.plan.extract_max_frames}` on {count} real clips (one shard), "
+                  "timed as a whole process: start-up, ffmpeg decoding ahead, compile, flow, writing.", "",
+                  "| solver | videos ok | pairs | s | pairs/s | compile (from its log) |",
+                  "|---|---:|---:|---:|---:|---|"]
+    for solver in ctx.plan.extract_solvers:
+        if not sec.has_time(f"extract-flow --solver {solver}"):
+            continue
+        out = ctx.work / f"flow-{solver}"
+        command = [sys.executable, "-m", "cli", "extract-flow", str(videos), str(out), "--dataset", "folder",
+                   "--backend", "torch", "--solver", solver, "--device", ctx.device.type, "--jobs", "1",
+                   "--max-frames", str(ctx.plan.extract_max_frames)]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(sec.left(), 10))
+        seconds = time.perf_counter() - start
+        if not sec.check(done.returncode == 0, f"extract-flow --solver {solver} exit {done.returncode}"):
+            sec.lines += [f"| {solver} | failed | | {seconds:.1f} | | |", "", "```",
+                          *(done.stdout + done.stderr).strip().splitlines()[-15:], "```", ""]
+            continue
+        shards = ShardSet(out)
+        pairs = sum(shards.field_length(v, "flow") for v in shards)
+        compiled = [line for line in done.stderr.splitlines() if "compiled for" in line]
+        sec.check(len(shards) == count, f"extract-flow --solver {solver}: {len(shards)} of {count} videos")
+        sec.lines.append(f"| {solver} | {len(shards)} | {pairs} | {seconds:.1f} | {pairs / seconds:.1f} | "
+                         f"{compiled[0].split(' in ')[-1].split(' ')[0] + ' s' if compiled else ''} |")
+        log(f"extract: --solver {solver}: {pairs} pairs in {seconds:.1f} s")
+        shards.close()
 
 
 def overfit_config(ctx: Context, name: str, compiled: bool) -> TrainConfig:
@@ -494,8 +563,8 @@ def section_ddp(ctx: Context, sec: Section) -> None:
 
 
 SECTIONS: dict[str, Callable[[Context, Section], None]] = {
-    "tvl1": section_tvl1, "train": section_train, "steps": section_steps, "loader": section_loader,
-    "evaluate": section_evaluate,    "ddp": section_ddp,
+    "tvl1": section_tvl1, "extract": section_extract, "train": section_train, "steps": section_steps,
+    "loader": section_loader, "evaluate": section_evaluate, "ddp": section_ddp,
 }
 
 
