@@ -139,6 +139,17 @@ def _echo_failures(failures) -> None:
         click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
 
 
+def _repair_option(func):
+    return click.option("--repair", is_flag=True,
+                        help="first verify every complete shard in OUT_DIR (as inspect --verify does) and recompute "
+                             "exactly the damaged ones; they are kept as shard-N.h5.damaged")(func)
+
+
+def _echo_repaired(damage) -> None:
+    for shard in sorted({d.shard for d in damage}):
+        click.echo(f"repaired {shard} (was: {'; '.join(str(d) for d in damage if d.shard == shard)})", err=True)
+
+
 # TV-L1 options: OpenCV's parameter names and defaults, recorded in the output schema.
 _TVL1_OPTIONS = [
     ("--tau", "tau", float, "time step of the numerical scheme"),
@@ -205,10 +216,11 @@ def _tvl1_options(func):
 @click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
 @_runner_options
 @click.option("--retry-failed", is_flag=True, help="retry videos recorded as failed (their shards are rewritten)")
+@_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_file, categories_file, keep_file,
                      classes, max_missing, max_failures, size, fps, max_frames, timeout, backend, device, batch_size,
-                     solver, videos_per_shard, jobs, scheduler, retry_failed, overwrite, **tvl1) -> None:
+                     solver, videos_per_shard, jobs, scheduler, retry_failed, repair, overwrite, **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
@@ -238,9 +250,10 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
                f"{f' (of {of})' if of else ''}{f'; {missing}' if missing else ''}; flow backend: {cfg.backend}",
                err=True)
     summary = extract_flow(index, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite,
-                           retry_failed=retry_failed, max_failures=max_failures)
+                           retry_failed=retry_failed, repair=repair, max_failures=max_failures)
     for warning in summary.warnings:
         click.echo(f"warning: {warning}", err=True)
+    _echo_repaired(summary.repaired)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
                f"{summary.shards_skipped}/{summary.shards_total} shards already complete, "
                f"{summary.frames_decoded} frames decoded this run; flow by {summary.backend}")
@@ -260,9 +273,10 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
 @click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=20.0, show_default=True,
               help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)")
 @_runner_options
+@_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str, jpeg_quality: int,
-                   flow_bound: float, jobs: int, scheduler: str | None, overwrite: bool) -> None:
+                   flow_bound: float, jobs: int, scheduler: str | None, repair: bool, overwrite: bool) -> None:
     """Turn extract-flow shards in FLOW_DIR into training shards in OUT_DIR: RGB, flow image and RGBF frames.
 
     One output shard per input shard (same videos, labels, splits); the input's failures are carried over. A rerun
@@ -273,7 +287,8 @@ def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str,
     cfg = BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
                       jpeg_quality=jpeg_quality, flow_bound=flow_bound)
     _check_runner(jobs, scheduler)
-    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite)
+    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair)
+    _echo_repaired(summary.repaired)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {summary.videos_failed} failed, "
                f"{summary.shards_built} shards built, {summary.shards_skipped}/{summary.shards_planned} already "
                f"complete, {summary.frames_built} frames this run")
@@ -291,11 +306,24 @@ def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="with --video: write a PNG strip")
 @click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), help="with --video: dump its arrays")
 @click.option("--frames", type=click.IntRange(min=1), default=8, show_default=True, help="frames in the strip")
-def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Path | None, frames: int) -> None:
-    """Summarise a shard directory (flow or training shards); render or dump one video."""
+@click.option("--verify", is_flag=True, help="read every stored array and check its checksum; exit 1 naming each "
+                                             "damaged shard and video, 0 when all is clean")
+def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Path | None, frames: int,
+                verify: bool) -> None:
+    """Summarise a shard directory (flow or training shards); render or dump one video; verify checksums."""
     from pipeline.inspect import dump_npz, render_strip, summary_text
     from pipeline.store import ShardSet
 
+    if verify:
+        from pipeline.verify import verify_dir
+
+        damage = verify_dir(shard_dir)
+        for d in damage:
+            click.echo(f"DAMAGED {d}")
+        damaged = {d.shard for d in damage}
+        click.echo(f"{shard_dir}: {len(damaged)} damaged shard(s)" if damage else f"{shard_dir}: every stored array "
+                   "matches its checksum", err=bool(damage))
+        raise SystemExit(1 if damage else 0)
     if (out or npz) and not video_id:
         raise click.UsageError("--out and --npz need --video")
     shards = ShardSet(shard_dir)
@@ -359,10 +387,12 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
 @click.option("--max-missing", type=_Finite(0, 1), default=0.05, show_default=True,
               help="largest fraction of planned videos that may be absent from the shards")
+@click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
+              help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
 def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, init: Path | None, resume: bool,
-              compile_: bool, max_missing: float) -> None:
+              compile_: bool, max_missing: float, max_bad_videos: int) -> None:
     """Train a network on SHARD_DIR (build-rgbf output); checkpoints, metrics.csv and curves.png go to --out.
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
@@ -376,7 +406,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
                       batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
-                      compile=compile_, max_missing=max_missing)
+                      compile=compile_, max_missing=max_missing, max_bad_videos=max_bad_videos)
     results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
     for result in results if is_main_process() else []:
         click.echo(f"{result['run_dir']}: best {result['best_on']} accuracy {result['best_acc']:.3f} "

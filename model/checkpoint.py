@@ -15,7 +15,7 @@ Everything is stored as tensors, numbers, strings, lists and dicts so that :func
 """
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import random
 import zipfile
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import Asym3dError
+from pipeline.store import StoreError, write_bytes_atomic
 
 REQUIRED_KEYS = ("model_name", "model_kwargs", "model_state", "epoch", "config", "normalization", "classes")
 
@@ -36,11 +37,17 @@ class CheckpointError(Asym3dError):
 
 
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` under a temporary name, then rename: a crash never leaves a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` to ``path`` under a temporary name, then rename: a crash, a full disk or a read-only
+    filesystem never leaves a truncated file, and the previous ``path`` stays as it was.
+
+    Serialised in memory first: ``torch.save`` reports a failed write as an opaque RuntimeError ("unexpected
+    pos"), while a plain file write names the reason. Raises :class:`CheckpointError` naming the file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        write_bytes_atomic(path, buffer.getbuffer())
+    except StoreError as err:
+        raise CheckpointError(f"{err}; the previous {Path(path).name} is unchanged") from None
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

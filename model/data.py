@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from pipeline.errors import Asym3dError
-from pipeline.store import SHARD_GLOB, ShardSet, StoreError, VideoEntry
+from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, VideoEntry
 
 from .clips import clip_indices, crop, crop_positions, flip_horizontal, to_tensor
 
@@ -110,10 +110,15 @@ def channel_statistics(shards: ShardSet, videos: Sequence[VideoEntry], modality:
         video = videos[i]
         n = shards.field_length(video, modality)
         index = np.unique(np.linspace(0, n - 1, min(frames_per_video, n)).round().astype(int))
-        frames = shards.read(video, modality, index=index.tolist()).astype(np.float64)
+        try:
+            frames = shards.read(video, modality, index=index.tolist()).astype(np.float64)
+        except DamagedError:  # the training loop reports and counts it
+            continue
         total += frames.sum(axis=(0, 1, 2))
         total_sq += (frames ** 2).sum(axis=(0, 1, 2))
         count += frames.shape[0] * frames.shape[1] * frames.shape[2]
+    if not count:
+        raise DataError(f"{shards.root}: none of the sampled training videos can be read (asym3d inspect --verify)")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
     std[std < 1e-6] = 1.0
@@ -153,15 +158,28 @@ class _Clips(Dataset):
     def frames(self, index: int) -> int:
         return self.shards.field_length(self.videos[index], self.modality)
 
-    def clip(self, index: int, view: View) -> dict[str, torch.Tensor | int]:
-        """The sample of video ``index`` seen through ``view``."""
+    def clip(self, index: int, view: View) -> dict[str, Any]:
+        """The sample of video ``index`` seen through ``view``, or ``{"unreadable": (video id, reason)}`` when its
+        stored frames fail their checksum or do not decode (see :func:`collate_readable`)."""
         video = self.videos[index]
-        frames = self.shards.read(video, self.modality, index=clip_indices(self.frames(index), view.start,
-                                                                           self.clip_len).tolist())
+        try:
+            frames = self.shards.read(video, self.modality, index=clip_indices(self.frames(index), view.start,
+                                                                               self.clip_len).tolist())
+        except DamagedError as err:
+            return {"unreadable": (video.video_id, str(err))}
         frames = crop(frames, view.top, view.left, self.crop_size)
         if view.flip:
             frames = flip_horizontal(frames, self.modality)
         return {self.modality: to_tensor(frames, self.mean, self.std), "label": video.label}
+
+
+def collate_readable(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch the readable samples; ``batch["unreadable"]`` lists ``(video id, reason)`` of the others, so one bad
+    frame skips one video (counted by the trainer, which stops past a cap) instead of ending the run."""
+    good = [s for s in samples if "unreadable" not in s]
+    batch = default_collate(good) if good else {}
+    batch["unreadable"] = [s["unreadable"] for s in samples if "unreadable" in s]
+    return batch
 
 
 class TrainClips(_Clips):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +30,8 @@ from tqdm import tqdm
 
 from pipeline.devices import check_device
 from pipeline.errors import Asym3dError, ConfigError
-from pipeline.store import ShardSet, StoreError, VideoEntry
+from pipeline.lock import DirectoryLock
+from pipeline.store import ShardSet, StoreError, VideoEntry, atomic_output, read_json, write_text_atomic
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from .clips import clip_indices, crop, crop_positions, evenly_spaced_starts, flip_horizontal, to_tensor
@@ -318,7 +318,7 @@ def evaluate_run(run_dir: Path, splits: Sequence[int], *, checkpoints: Sequence[
     paths = [resolve_checkpoint(run_dir, s, c) for s, c in zip(splits, choices)]
     results = []
     opened: dict[Path, ShardSet] = {}
-    for split, path in zip(splits, paths):
+    for split, path, choice in zip(splits, paths, choices):
         state = load_checkpoint(path)
         root = Path(shard_dir or state.get("config", {}).get("shard_dir", ""))
         if not root.is_dir():
@@ -333,49 +333,64 @@ def evaluate_run(run_dir: Path, splits: Sequence[int], *, checkpoints: Sequence[
                                     device=device, workers=workers, progress=progress, feature_layer=feature_layer)
         except CheckpointError as err:  # the checkpoint was passed as loaded, so name its file here
             raise CheckpointError(f"{path}: {err}") from None
-        result.source["checkpoint"] = str(path)
+        result.source.update(checkpoint=str(path), choice=choice)
         results.append(result)
     for shards in opened.values():
         shards.close()
-    return write_reports(results, out or run_dir / "eval", title=str(run_dir))
+    identity = {"splits": list(splits), "checkpoints": choices, "clips": clips, "crops": crops,
+                "shards": str(shard_dir) if shard_dir else None}
+    return write_reports(results, out or run_dir / "eval", title=str(run_dir), identity=identity)
 
 
 # ---------------------------------------------------------------------------------------------------- reports
 
 
-def write_reports(results: Sequence[SplitResult], out: Path, title: str = "") -> dict[str, Any]:
+def write_reports(results: Sequence[SplitResult], out: Path, title: str = "",
+                  identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``scores_split{N}.npz``, ``per_class_split{N}.csv``, ``confusion_split{N}.png`` (and
     ``features_split{N}.npz`` when features were kept), ``results.json`` and ``results.md`` into ``out``.
 
+    ``identity`` (the splits, checkpoint choices and protocol that made the report) is stored in results.json; a
+    report of another identity already in ``out`` is refused, never silently replaced (its score files would be
+    left beside the new ones). ``out`` is locked while it is written (:mod:`pipeline.lock`).
     Returns the summary (see :func:`summarize`) with the markdown table under "table" and ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        save_scores(r, out / f"scores_split{r.split}.npz")
-        write_per_class_csv(r, out / f"per_class_split{r.split}.csv")
-        plot_confusion(r, out / f"confusion_split{r.split}.png")
-        if r.features is not None:
-            save_features(r, out / f"features_split{r.split}.npz")
-    summary = summarize(results)
-    summary["title"] = title
-    table = markdown_table(summary, title)
-    _atomic_write(out / "results.json", json.dumps(summary, indent=1).encode())
-    _atomic_write(out / "results.md", (table + "\n").encode())
+    with DirectoryLock(out):
+        _check_report_identity(out, identity)
+        for r in results:
+            save_scores(r, out / f"scores_split{r.split}.npz")
+            write_per_class_csv(r, out / f"per_class_split{r.split}.csv")
+            plot_confusion(r, out / f"confusion_split{r.split}.png")
+            if r.features is not None:
+                save_features(r, out / f"features_split{r.split}.npz")
+        summary = summarize(results)
+        summary["title"] = title
+        summary["identity"] = identity
+        table = markdown_table(summary, title)
+        write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+        write_text_atomic(out / "results.md", table + "\n")
     return {**summary, "table": table, "out": str(out)}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _check_report_identity(out: Path, identity: dict[str, Any] | None) -> None:
+    path = out / "results.json"
+    if not path.exists():
+        return
+    try:
+        old = read_json(path).get("identity")
+    except (StoreError, AttributeError):
+        old = "unreadable"
+    if old != json.loads(json.dumps(identity)):
+        raise EvaluationError(f"{path}: holds a report of {old}, not {identity}; refusing to replace it (pass "
+                              "another --out, or delete that directory)")
 
 
 def _save_npz(result: SplitResult, path: Path, **arrays: np.ndarray) -> None:
-    """``arrays`` plus the video ids, labels, classes and split, as plain arrays (loadable without pickle)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """``arrays`` plus the video ids, labels, classes, split and checkpoint choice, as plain arrays (loadable without
+    pickle)."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, video_ids=np.array(result.video_ids, dtype=str), labels=result.labels,
-                 classes=np.array(result.classes, dtype=str), split=np.int64(result.split), **arrays)
-    os.replace(tmp, path)
+                 classes=np.array(result.classes, dtype=str), split=np.int64(result.split),
+                 choice=np.array(str(result.source.get("choice", ""))), **arrays)
 
 
 def save_scores(result: SplitResult, path: Path) -> None:
@@ -397,7 +412,8 @@ def load_scores(path: Path) -> SplitResult:
             return SplitResult(split=int(data["split"]), video_ids=[str(v) for v in data["video_ids"]],
                                labels=data["labels"].astype(np.int64), scores=data["scores"],
                                classes=[str(c) for c in data["classes"]], views=data["views"],
-                               source={"scores": str(path)})
+                               source={"scores": str(path),
+                                       "choice": str(data["choice"]) if "choice" in data.files else ""})
     except (KeyError, ValueError, OSError) as err:
         raise EvaluationError(f"{path}: not a scores file ({err})") from err
 
@@ -405,15 +421,13 @@ def load_scores(path: Path) -> SplitResult:
 def write_per_class_csv(result: SplitResult, path: Path) -> None:
     """One row per class: index, name, test videos, correct (top-1), accuracy (empty when it has no videos)."""
     predicted = result.scores.argmax(axis=1)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class_index", "class", "videos", "correct", "accuracy"])
         for c, name in enumerate(result.classes):
             mine = result.labels == c
             n, correct = int(mine.sum()), int((predicted[mine] == c).sum())
             writer.writerow([c, name, n, correct, f"{correct / n:.4f}" if n else ""])
-    os.replace(tmp, path)
 
 
 def plot_confusion(result: SplitResult, path: Path) -> None:
@@ -438,10 +452,9 @@ def plot_confusion(result: SplitResult, path: Path) -> None:
         ax.set_yticks(range(k), result.classes, fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def parse_splits(text: str) -> list[int]:

@@ -30,6 +30,11 @@ def fuse_results(results: Sequence[SplitResult], weights: Sequence[float] | None
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise EvaluationError(f"weights must be non-negative with a positive sum, got {weights}")
     first = results[0]
+    choices = {r.source.get("scores"): r.source.get("choice") or "unrecorded" for r in results}
+    if len(set(choices.values())) > 1:
+        raise EvaluationError("scores from different checkpoint choices: " + ", ".join(
+            f"{name} from {choice!r}" for name, choice in choices.items()) + "; evaluate every run with the same "
+            "--checkpoint first")
     where = {vid: i for i, vid in enumerate(first.video_ids)}
     fused = np.zeros(first.scores.shape, np.float64)
     for result, weight in zip(results, weights):
@@ -76,4 +81,6 @@ def fuse_runs(run_dirs: Sequence[Path], splits: Sequence[int], *, weights: Seque
                           weights) for split in splits]
     names = "+".join(Path(run).resolve().name for run in run_dirs)
     out = out or Path(run_dirs[0]) / "eval" / f"fused_{names}"
-    return write_reports(fused, out, title=f"fusion {names}")
+    identity = {"fused": [str(Path(run).resolve()) for run in run_dirs], "splits": list(splits),
+                "weights": list(weights) if weights else None}
+    return write_reports(fused, out, title=f"fusion {names}", identity=identity)

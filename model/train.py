@@ -44,8 +44,12 @@ from tqdm import tqdm
 from model import build_model, list_models
 from pipeline.errors import Asym3dError
 
+from pipeline.lock import DirectoryLock
+from pipeline.store import atomic_output, write_text_atomic
+
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .data import MODALITIES, CentreClips, EpochSampler, TrainClips, channel_statistics, open_training_shards, split_videos
+from .data import (MODALITIES, CentreClips, EpochSampler, TrainClips, channel_statistics, collate_readable,
+                   open_training_shards, split_videos)
 
 # Paper §4.3. "none" keeps TrainConfig's own defaults (constant learning rate unless --lr-step is given).
 SCHEDULES: dict[str, dict[str, Any]] = {
@@ -55,7 +59,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 # Settings a resumed run may change: where things are and how fast it runs, never what is computed.
 RUNTIME_FIELDS = ("shard_dir", "out_dir", "epochs", "workers", "device", "compile", "progress", "resume",
-                  "max_missing")
+                  "max_missing", "max_bad_videos")
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "clips_per_s", "seconds")
 
 
@@ -92,6 +96,7 @@ class TrainConfig:
     resume: bool = False  # continue out_dir/last.pt
     compile: bool = False  # torch.compile the network
     max_missing: float = 0.05  # largest tolerated fraction of planned videos absent from the shards
+    max_bad_videos: int = 10  # videos whose stored frames fail to read are skipped, up to this many, then stop
     progress: bool = True  # progress bars and per-epoch lines (rank 0)
 
     def __post_init__(self) -> None:
@@ -118,10 +123,18 @@ def make_config(schedule: str = "none", **options: Any) -> TrainConfig:
 
 
 def train_splits(cfg: TrainConfig, splits: Sequence[int]) -> list[dict[str, Any]]:
-    """One run per split, into ``cfg.out_dir/split{N}``; returns each run's summary."""
+    """One run per split, into ``cfg.out_dir/split{N}``; returns each run's summary.
+
+    With ``resume``, a split that has a ``last.pt`` continues it (a finished one has nothing left to do) and a split
+    that never saved one starts afresh, so one command picks up a multi-split run wherever it was interrupted.
+    """
     with _process_group(cfg.device):
-        return [train(dataclasses.replace(cfg, split=split, out_dir=str(Path(cfg.out_dir) / f"split{split}")))
-                for split in splits]
+        results = []
+        for split in splits:
+            out = Path(cfg.out_dir) / f"split{split}"
+            resume = cfg.resume and (out / "last.pt").is_file()
+            results.append(train(dataclasses.replace(cfg, split=split, out_dir=str(out), resume=resume)))
+        return results
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -129,11 +142,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Raises :class:`TrainError`, :class:`model.data.DataError`, :class:`pipeline.store.StoreError`,
     :class:`model.checkpoint.CheckpointError` or the registry's unknown-model error for bad input, before any
-    training step.
+    training step. The main process holds the run directory's lock (:mod:`pipeline.lock`) throughout. A failed
+    checkpoint write (full disk) stops the run with :class:`CheckpointError`, the previous checkpoints intact.
     """
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
-    with _process_group(cfg.device):
+    with _process_group(cfg.device), DirectoryLock(cfg.out_dir) if is_main_process() else nullcontext():
         return _Run(cfg).fit()
 
 
@@ -259,12 +273,10 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
-    tmp = out / "metrics.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_output(out / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
 
 
 def _plot_curves(out: Path, history: list[dict[str, float]], title: str) -> None:
@@ -282,8 +294,8 @@ def _plot_curves(out: Path, history: list[dict[str, float]], title: str) -> None
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.savefig(out / "curves.png.tmp.png", dpi=100)
-    os.replace(out / "curves.png.tmp.png", out / "curves.png")
+    with atomic_output(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def _tensorboard(out: Path) -> Any:
@@ -355,6 +367,7 @@ class _Run:
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
         self.best = {"best_acc": -1.0, "best_epoch": 0}
+        self.unreadable: dict[str, str] = {}  # video id -> why its frames could not be read
         if resume is not None:
             self.net.load_state_dict(resume["model_state"])
             self.optimizer.load_state_dict(resume["optimizer_state"])
@@ -384,12 +397,26 @@ class _Run:
         val_set = CentreClips(shards, self.videos.test, cfg.input, cfg.clip_len, cfg.crop, *stats)
         self.sampler = EpochSampler(len(train_set), cfg.seed, env.rank, env.world)
         common = {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "pin_memory": env.device.type == "cuda",
-                  "persistent_workers": cfg.workers > 0,
+                  "persistent_workers": cfg.workers > 0, "collate_fn": collate_readable,
                   # the loader's own seed must not come from the global generator, which dropout replays on resume
                   "generator": torch.Generator().manual_seed(cfg.seed)}
         self.train_loader = DataLoader(train_set, sampler=self.sampler, **common)
         # disjoint shares of the test videos (no padding duplicates); a rank may get none but still joins the sums
         self.val_loader = DataLoader(val_set, sampler=list(range(env.rank, len(val_set), env.world)), **common)
+
+    def _skip_unreadable(self, batch: dict[str, Any]) -> bool:
+        """Count the batch's unreadable videos (logged once each); stop past ``max_bad_videos``. True when the
+        batch still holds samples to use."""
+        for video_id, reason in batch.pop("unreadable"):
+            if video_id in self.unreadable:
+                continue
+            self.unreadable[video_id] = reason
+            if len(self.unreadable) > self.cfg.max_bad_videos:
+                raise TrainError(f"{self.cfg.shard_dir}: {len(self.unreadable)} videos could not be read (more "
+                                 f"than --max-bad-videos {self.cfg.max_bad_videos}); last: {reason}. Check the "
+                                 "shards with asym3d inspect --verify")
+            self.log(f"skipping unreadable video ({reason})")
+        return "label" in batch
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.env.device
@@ -415,6 +442,8 @@ class _Run:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (self.env.main and cfg.progress))
         for step, batch in enumerate(bar):
+            if not self._skip_unreadable(batch):
+                continue
             x, y = self._to_device(batch)
             with self._autocast():
                 logits = self.model(x)
@@ -431,6 +460,7 @@ class _Run:
                 bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{rate:.1f}")
         seconds = time.perf_counter() - start
         total_loss, total_correct, total_seen = _sum_across([loss_sum.item(), float(correct.item()), seen], self.env)
+        total_seen = max(total_seen, 1)
         return {"train_loss": total_loss / total_seen, "train_acc": total_correct / total_seen,
                 "clips_per_s": total_seen / seconds, "seconds": seconds}
 
@@ -441,6 +471,8 @@ class _Run:
         self.eval_model.eval()
         loss_sum = correct = seen = 0.0
         for batch in self.val_loader:
+            if not self._skip_unreadable(batch):
+                continue
             x, y = self._to_device(batch)
             with self._autocast():
                 logits = self.eval_model(x).float()
@@ -448,7 +480,7 @@ class _Run:
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         loss_sum, correct, seen = _sum_across([loss_sum, correct, seen], self.env)
-        return {"val_loss": loss_sum / seen, "val_acc": correct / seen}
+        return {"val_loss": loss_sum / max(seen, 1), "val_acc": correct / max(seen, 1)}
 
     def _state(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -475,7 +507,7 @@ class _Run:
                         "normalization": self.normalization, "model_kwargs": self.model_kwargs,
                         "train_videos": len(self.videos.train), "test_videos": len(self.videos.test),
                         "absent_videos": self.videos.absent}
-            (self.out / "run.json").write_text(json.dumps(run_info, indent=1))
+            write_text_atomic(self.out / "run.json", json.dumps(run_info, indent=1))
         if self.start_epoch >= cfg.epochs:
             self.log(f"{self.out}: already trained {self.start_epoch} of {cfg.epochs} epochs; nothing to do")
         writer = _tensorboard(self.out) if self.env.main else None
@@ -494,9 +526,9 @@ class _Run:
             metrics = {**row, **self.best, "best_on": "val" if has_val else "train", "history": self.history}
             if self.env.main:
                 state = self._state(epoch + 1, metrics)
-                save_checkpoint(self.out / "last.pt", state)
-                if improved:
+                if improved:  # best.pt first: last.pt must never name a best epoch whose best.pt was not written
                     save_checkpoint(self.out / "best.pt", state)
+                save_checkpoint(self.out / "last.pt", state)
                 _write_metrics(self.out, self.history)
                 _plot_curves(self.out, self.history, f"{cfg.model} {cfg.input} split {cfg.split}")
                 if writer is not None:

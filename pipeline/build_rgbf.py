@@ -25,9 +25,12 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.rgbf import (DEFAULT_FLOW_BOUND, FLOW_IMAGE_ENCODING, LAST_FRAME_PAIRING, MODALITIES, RGBF_DEFINITION,
                            RGBFError, paired_flow_index, training_frames)
+from pipeline.lock import DirectoryLock
 from pipeline.runner import run_tasks
-from pipeline.store import (FieldSpec, Schema, ShardSet, ShardWriter, StoreError, VideoEntry, VideoMeta,
-                            decode_field, library_versions, prepare_output, shard_name, write_manifest)
+from pipeline.store import (DamagedError, FieldSpec, Schema, ShardSet, ShardWriter, StoreError, VideoEntry, VideoMeta,
+                            decode_field, library_versions, open_shard, os_reason, prepare_output, read_checked,
+                            shard_name, write_manifest)
+from pipeline.verify import Damage, set_aside_damaged
 
 STORAGE = {  # --storage name -> FieldSpec arguments (quality is filled in for JPEG)
     "jpeg": {"encoding": "jpeg"},
@@ -132,6 +135,7 @@ class BuildSummary:
     videos_failed: int
     frames_built: int
     failures: list[dict[str, str]]  # every failure recorded in the output (earlier runs included)
+    repaired: list[Damage] = field(default_factory=list)  # damage --repair found in shards then rebuilt
 
     @property
     def complete(self) -> bool:
@@ -149,11 +153,12 @@ def _check_source(flow_dir: Path, shards: ShardSet) -> None:
         raise StoreError(f"{flow_dir}: expected 'rgb' (3 channels, T frames) and 'flow' (2 channels, T-1 pairs)")
 
 
-def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bool = False
-               ) -> tuple[list[ShardTask], list[str], int]:
-    """Check the input, prepare ``out_dir`` and list the shards still to build.
+def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bool = False, repair: bool = False
+               ) -> tuple[list[ShardTask], list[str], int, list[Damage]]:
+    """Check the input, prepare ``out_dir`` and list the shards still to build (the caller holds its lock).
 
-    Returns ``(tasks, input shards not yet written, output shards already complete)``. Raises
+    Returns ``(tasks, input shards not yet written, output shards already complete, damage repaired)``; with
+    ``repair``, damaged output shards are set aside first (:mod:`pipeline.verify`) so they are rebuilt. Raises
     :class:`StoreError` for an input that is not extract-flow output, or an ``out_dir`` holding another
     configuration (unless ``overwrite``).
     """
@@ -166,6 +171,7 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
     schema = train_schema(source.schema, cfg)
     prepare_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite,
                    recorded={"libraries": library_versions()})
+    repaired = set_aside_damaged(out_dir) if repair else []
     by_shard: dict[str, list[VideoEntry]] = {name: [] for name in source.complete_shards}
     for video in source.videos:
         by_shard[video.shard].append(video)
@@ -179,7 +185,7 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
         else:
             tasks.append(ShardTask(str(flow_dir / name), str(out_dir / name), index, tuple(by_shard[name]),
                                    source.schema, schema, cfg.flow_bound))
-    return tasks, waiting, skipped
+    return tasks, waiting, skipped, repaired
 
 
 def _up_to_date(source: Path, output: Path) -> bool:
@@ -188,12 +194,15 @@ def _up_to_date(source: Path, output: Path) -> bool:
     return output.exists() and output.stat().st_mtime_ns >= source.stat().st_mtime_ns
 
 
-def _read(handle: h5py.File, spec: FieldSpec, video: VideoEntry, start: int, stop: int) -> np.ndarray:
-    return decode_field(spec, handle["videos"][video.key][spec.name][start:stop])
+def _read(handle: h5py.File, spec: FieldSpec, video: VideoEntry, start: int, stop: int,
+          checksums: bool) -> np.ndarray:
+    return decode_field(spec, read_checked(handle["videos"][video.key], spec, start, stop, checksums=checksums))
 
 
 def _video_frames(handle: h5py.File, task: ShardTask, video: VideoEntry) -> dict[str, np.ndarray]:
-    """All training frames of one video, computed ``CHUNK_FRAMES`` at a time. Raises RGBFError / OSError."""
+    """All training frames of one video, computed ``CHUNK_FRAMES`` at a time.
+
+    Raises RGBFError, or OSError / DamagedError when the input fails its checksums."""
     rgb_spec, flow_spec = task.source_schema.field("rgb"), task.source_schema.field("flow")
     n_pairs = handle["videos"][video.key]["flow"].shape[0]
     if n_pairs != video.n_frames - 1:
@@ -203,9 +212,11 @@ def _video_frames(handle: h5py.File, task: ShardTask, video: VideoEntry) -> dict
     out = {name: np.empty((video.n_frames, task.schema.height, task.schema.width, 3), np.uint8) for name in names}
     for start in range(0, video.n_frames, CHUNK_FRAMES):
         stop = min(start + CHUNK_FRAMES, video.n_frames)
-        rgb = _read(handle, rgb_spec, video, start, stop)
+        checksums = task.source_schema.version >= 2
+        rgb = _read(handle, rgb_spec, video, start, stop, checksums)
         first = int(pairing[start])
-        flow = _read(handle, flow_spec, video, first, int(pairing[stop - 1]) + 1)[pairing[start:stop] - first]
+        flow = _read(handle, flow_spec, video, first, int(pairing[stop - 1]) + 1, checksums)
+        flow = flow[pairing[start:stop] - first]
         for name, frames in training_frames(rgb, flow, tuple(names), task.flow_bound).items():
             out[name][start:stop] = frames
     return out
@@ -222,14 +233,19 @@ def process_shard(task: ShardTask) -> ShardResult:
         result.skipped = True
         return result
     recorded = {"libraries": library_versions()}
-    with h5py.File(task.source, "r") as handle, ShardWriter(output, task.schema, task.shard_index, recorded) as writer:
+    with open_shard(task.source) as handle, ShardWriter(output, task.schema, task.shard_index, recorded) as writer:
         result.failures.extend(json.loads(handle.attrs.get("failures", "[]")))
         for video in task.videos:
             try:
                 frames = _video_frames(handle, task, video)
-            except (RGBFError, OSError) as exc:  # OSError: h5py could not read the input data
+            except RGBFError as exc:
                 result.failures.append({"video_id": video.video_id, "path": video.source,
                                         "reason": f"build-rgbf: {exc}"})
+                continue
+            except (OSError, DamagedError) as exc:  # the input fails its checksum or cannot be read
+                result.failures.append({"video_id": video.video_id, "path": video.source,
+                                        "reason": f"build-rgbf: {task.source}: damaged input ({os_reason(exc)}); "
+                                                  "see asym3d extract-flow --repair"})
                 continue
             writer.add_video(VideoMeta(video.video_id, video.label, video.label_name, video.source, video.splits),
                              frames)
@@ -242,17 +258,20 @@ def process_shard(task: ShardTask) -> ShardResult:
 
 
 def build_rgbf(flow_dir: Path, out_dir: Path, cfg: BuildConfig = BuildConfig(), *, jobs: int = 1,
-               scheduler: str | None = None, overwrite: bool = False, progress: bool = True) -> BuildSummary:
+               scheduler: str | None = None, overwrite: bool = False, repair: bool = False,
+               progress: bool = True) -> BuildSummary:
     """Run the stage: plan, build the missing shards with joblib (``jobs``) or dask (``scheduler``), write the
-    manifest. Complete output shards are left untouched, so a rerun of a finished build does nothing."""
-    tasks, waiting, skipped = plan_build(flow_dir, out_dir, cfg, overwrite=overwrite)
-    results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="build-rgbf",
-                        frames_of=operator.attrgetter("frames"), progress=progress)
-    manifest: dict[str, Any] = write_manifest(Path(out_dir))
+    manifest. Complete output shards are left untouched, so a rerun of a finished build does nothing. The run
+    holds ``out_dir``'s lock throughout; ``repair`` rebuilds exactly the output shards that fail verification."""
+    with DirectoryLock(out_dir):
+        tasks, waiting, skipped, repaired = plan_build(flow_dir, out_dir, cfg, overwrite=overwrite, repair=repair)
+        results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="build-rgbf",
+                            frames_of=operator.attrgetter("frames"), progress=progress)
+        manifest: dict[str, Any] = write_manifest(Path(out_dir))
     failures = [{k: v.get(k, "") for k in ("video_id", "path", "reason")}
                 for v in manifest["videos"] if v["status"] == "failed"]
     return BuildSummary(out_dir=Path(out_dir), shards_planned=manifest["summary"]["shards_planned"],
                         shards_built=sum(not r.skipped for r in results),
                         shards_skipped=skipped + sum(r.skipped for r in results), shards_waiting=waiting,
                         videos_ok=manifest["summary"]["videos_ok"], videos_failed=len(failures),
-                        frames_built=sum(r.frames for r in results), failures=failures)
+                        frames_built=sum(r.frames for r in results), failures=failures, repaired=repaired)

@@ -31,9 +31,11 @@ from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
 from pipeline.errors import Asym3dError, ConfigError
 from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_backend
+from pipeline.lock import DirectoryLock
 from pipeline.runner import run_tasks
-from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
-                            prepare_output, shard_name, write_manifest)
+from pipeline.store import (DamagedError, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
+                            open_shard, prepare_output, shard_name, write_manifest)
+from pipeline.verify import Damage, set_aside_damaged
 from pipeline.tvl1_params import TVL1Params
 
 # Flow is stored as int16 hundredths of a pixel with gzip: |error| <= 0.005 px per component (<= 0.0071 px in
@@ -124,15 +126,18 @@ def process_shard(task: ShardTask) -> ShardResult:
     path = task.out_dir / shard_name(task.index)
     keep: dict[str, str] = {}  # video id -> key of a finished video in the existing shard
     if path.exists():
-        with h5py.File(path, "r") as f:
-            failed = f.attrs.get("failures", "[]") != "[]"
-            if not (task.retry_failed and failed):
-                return _existing_result(task.index, f)
-            keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
+        with open_shard(path) as f:
+            try:
+                failed = f.attrs.get("failures", "[]") != "[]"
+                if not (task.retry_failed and failed):
+                    return _existing_result(task.index, f)
+                keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
+            except (OSError, KeyError, ValueError) as exc:
+                raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
     backend = task.cfg.make_backend()
     recorded = {**task.recorded, **backend_record(backend)}
     ok = frames_done = 0
-    source = h5py.File(path, "r") if keep else None
+    source = open_shard(path) if keep else None
     try:
         with ShardWriter(path, task.schema, task.index, recorded) as writer:
             todo = []
@@ -229,6 +234,7 @@ class ExtractSummary:
     failures: tuple[dict[str, str], ...]
     frames_decoded: int
     warnings: tuple[str, ...] = ()  # e.g. library versions changed since the earlier run into out_dir
+    repaired: tuple[Damage, ...] = ()  # damage found by --repair in shards that were then recomputed
 
 
 def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple[VideoRecord, ...]]:
@@ -241,9 +247,12 @@ def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple
 
 def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs: int = 1,
                  scheduler: str | None = None, overwrite: bool = False, retry_failed: bool = False,
-                 progress: bool = True, max_failures: int | float = DEFAULT_MAX_FAILURES) -> ExtractSummary:
+                 repair: bool = False, progress: bool = True,
+                 max_failures: int | float = DEFAULT_MAX_FAILURES) -> ExtractSummary:
     """Run the stage over a dataset index; see the module docstring for the guarantees.
 
+    The run holds ``out_dir``'s lock (:mod:`pipeline.lock`) throughout. ``repair`` first verifies every complete
+    shard (:mod:`pipeline.verify`) and sets the damaged ones aside, so exactly those are recomputed.
     ``max_failures``: a count (int) or a fraction of the index's videos (float); more failed videos stop the run
     with :class:`TooManyFailures`.
     """
@@ -255,25 +264,28 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
-    warnings = prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
-                              overwrite=overwrite, recorded=recorded)
-    tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
-    failures: list[dict[str, str]] = []
+    with DirectoryLock(out_dir):
+        warnings = prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
+                                  overwrite=overwrite, recorded=recorded)
+        repaired = tuple(set_aside_damaged(out_dir)) if repair else ()
+        tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
+        failures: list[dict[str, str]] = []
 
-    def stop_on_too_many(result: ShardResult) -> None:
-        failures.extend(result.failures)
-        if len(failures) > limit:
-            raise TooManyFailures(f"{out_dir}: stopped after {len(failures)} of {len(index.records)} videos failed "
-                                  f"(--max-failures {max_failures:g} allows {limit}); first: {failures[0]['reason']}")
+        def stop_on_too_many(result: ShardResult) -> None:
+            failures.extend(result.failures)
+            if len(failures) > limit:
+                raise TooManyFailures(f"{out_dir}: stopped after {len(failures)} of {len(index.records)} videos "
+                                      f"failed (--max-failures {max_failures:g} allows {limit}); first: "
+                                      f"{failures[0]['reason']}")
 
-    try:
-        results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
-                            frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
-    finally:
-        write_manifest(out_dir)
+        try:
+            results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
+                                frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
+        finally:
+            write_manifest(out_dir)
     ran = ", ".join(sorted({r.ran for r in results if r.ran})) or f"{cfg.backend} (nothing left to compute)"
     return ExtractSummary(out_dir, ran, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results), tuple(warnings))
+                          sum(r.frames for r in results), tuple(warnings), repaired)
 

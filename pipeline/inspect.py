@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import ShardSet
+from pipeline.store import ShardSet, atomic_output
 
 
 def summary_text(shards: ShardSet) -> str:
@@ -96,7 +96,8 @@ def render_strip(shards: ShardSet, video_id: str, out: Path, n: int = 8) -> Path
         axes[r][0].set_ylabel(name, fontsize=7)
     fig.suptitle(video_id, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 
@@ -104,5 +105,7 @@ def render_strip(shards: ShardSet, video_id: str, out: Path, n: int = 8) -> Path
 def dump_npz(shards: ShardSet, video_id: str, out: Path) -> Path:
     """Every stored field of one video, decoded, into one .npz."""
     video = shards.video(video_id)
-    np.savez_compressed(out, **{name: shards.read(video, name) for name in shards.schema.field_names})
+    arrays = {name: shards.read(video, name) for name in shards.schema.field_names}
+    with atomic_output(out) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return out

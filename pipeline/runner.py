@@ -3,6 +3,9 @@
 Stages never import an executor: they hand ``run_tasks`` a picklable function and its tasks. Results arrive in
 completion order and drive one progress bar, so a stage can report videos and frames per second on either backend.
 
+Local worker processes die with the process that started them (:func:`_die_with_parent`): a killed stage must not
+leave workers that keep writing into a directory whose lock (:mod:`pipeline.lock`) the next run has taken over.
+
 Security: ``--scheduler`` connects to an existing cluster, which runs whatever tasks its clients send; only point it
 at a scheduler you trust, or one secured with TLS (``tls://``). Nothing here opens a listener.
 
@@ -11,6 +14,9 @@ A scheduler that cannot be reached is a :class:`SchedulerError` after ``CONNECT_
 """
 from __future__ import annotations
 
+import functools
+import os
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,6 +55,29 @@ def check_scheduler(scheduler: str | None) -> None:
         _connect(scheduler).close()
 
 
+_guarded_parent: int | None = None  # the parent this worker process already watches
+
+
+def _die_with_parent(parent: int, fn: Callable[[Any], Any], task: Any) -> Any:
+    """Run ``fn(task)`` in a joblib worker that exits as soon as ``parent`` (the stage's process) is gone.
+
+    A thread polls the parent id: Linux re-parents an orphan, so a changed ``getppid()`` means the stage died (also
+    by ``kill -9``, which no handler sees). Polling rather than ``PR_SET_PDEATHSIG`` because that signal follows the
+    parent *thread*, and joblib starts workers from helper threads.
+    """
+    global _guarded_parent
+    if os.getppid() == parent and _guarded_parent != parent:
+        _guarded_parent = parent
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.2)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+    return fn(task)
+
+
 def _iter_results(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, scheduler: str | None) -> Iterator[Any]:
     if scheduler:
         from distributed import as_completed
@@ -64,7 +93,8 @@ def _iter_results(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, sch
         return
     from joblib import Parallel, delayed
 
-    yield from Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(fn)(task) for task in tasks)
+    guarded = functools.partial(_die_with_parent, os.getpid(), fn)
+    yield from Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(guarded)(task) for task in tasks)
 
 
 def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, scheduler: str | None = None,

@@ -8,9 +8,9 @@ A stage output directory holds:
   refused (see :func:`prepare_output`). Beside it, ``recorded``: what ran (library versions, backend, device,
   runtime limits), which is recorded, also in each shard, but never compared: a rerun after a library upgrade or
   with a longer timeout continues the output, with a warning naming changed versions.
-- ``shard-NNNNN.h5``: written under ``shard-NNNNN.h5.tmp`` and renamed when complete, so a file with the final name
-  is always whole. A rerun skips those and redoes the rest. Each shard carries the schema too, so a lone shard
-  still says what it is.
+- ``shard-NNNNN.h5``: written under a temporary name (:func:`atomic_output`) and renamed when complete, so a file with
+  the final name is always whole. A rerun skips those and redoes the rest. Each shard carries the schema too, so a
+  lone shard still says what it is.
 - ``manifest.json``: derived from the shards after a run (every video, its shard, frame count, label, status and
   failure reason). The shards are the truth; the manifest is an index for people and tools.
 
@@ -18,6 +18,10 @@ Inside a shard, video ``i`` of the shard lives in group ``videos/NNNN`` (ids are
 safe) with one dataset per field. Image fields are either raw ``uint8`` arrays ``(T, H, W, C)`` chunked per frame
 (optionally compressed), or JPEG bytes per frame in a variable-length dataset. Numeric fields (e.g. flow) are stored
 as ``value * scale`` in the declared dtype and read back as float32.
+
+Integrity: every raw array carries HDF5's fletcher32 checksum per chunk (h5py raises on a mismatch when the chunk is
+read). HDF5 cannot checksum variable-length data, so a JPEG field ``name`` has a sibling ``name.crc32`` array (one
+CRC-32 per frame, itself fletcher32-checked), compared on every read. :mod:`pipeline.verify` reads everything.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import dataclasses
 import json
 import os
 import platform
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -34,14 +40,84 @@ import numpy as np
 
 from pipeline.errors import Asym3dError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fletcher32 on raw arrays, CRC-32 per JPEG frame
+READABLE_VERSIONS = (1, 2)  # version 1 (no checksums) still reads, so days of computed flow stay usable
 SCHEMA_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.h5"
+TMP_GLOB = "*.tmp.*"  # what atomic_output leaves behind when its process is killed
+CRC_SUFFIX = ".crc32"
 
 
 class StoreError(Asym3dError):
     """A shard directory that cannot be used: missing, from another format version, or another configuration."""
+
+
+class DamagedError(StoreError):
+    """Stored data that fails its checksum or cannot be parsed; the message names the file (and video)."""
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's reason ("No space left on device") rather than h5py's multi-line driver report."""
+    errno_ = getattr(exc, "errno", None)
+    if errno_:
+        return os.strerror(errno_)
+    text = str(exc).strip()
+    if "filter returned failure during read" in text:  # HDF5's words for a fletcher32 mismatch
+        return "stored data fails its fletcher32 checksum"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_error(path: Path, exc: BaseException) -> StoreError:
+    return StoreError(f"{path}: cannot write ({os_reason(exc)})")
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only filesystem cannot hold the temporary file either
+        pass
+
+
+@contextmanager
+def atomic_output(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; rename it onto ``path`` when the block ends cleanly, else delete it.
+
+    Every file asym3d writes goes through here, so a crash, a full disk or a read-only filesystem never leaves a
+    partial file under a final name, and never touches the previous version of ``path``. The temporary name carries
+    the process id, so two processes can never write into the same temporary file. An ``OSError`` (disk full,
+    read-only filesystem, permissions) becomes a one-line :class:`StoreError` naming ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_error(path, exc) from None
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_json(path: Path | str) -> Any:
+    """A JSON file asym3d wrote; a missing, unreadable or damaged one is a one-line :class:`StoreError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedError(f"{path}: unreadable ({os_reason(exc)})") from None
 
 
 def shard_name(index: int) -> str:
@@ -137,33 +213,62 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
 
     ``dataset`` holds what the data is about (kind, classes, relabel mappings); ``plan`` the video ids per shard.
     A different schema or plan in an existing directory raises :class:`StoreError` naming the difference, unless
-    ``overwrite``, which deletes the earlier shards first (never silently). ``recorded`` (what runs this time:
+    ``overwrite``, which deletes the earlier shards first (never silently). ``overwrite`` with the same configuration
+    deletes nothing: the shards are what the rerun would write. Shards without a ``dataset.json`` (deleted by hand)
+    are checked against their own stored schema before anything is added. ``recorded`` (what runs this time:
     ``libraries``, backend, limits) is stored, not compared; returns warnings naming changed library versions.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(root, exc) from None
     meta_path = root / SCHEMA_FILE
-    new = {"schema": schema.to_dict(), "dataset": dataset, "plan": plan, "recorded": recorded or {}}
-    if meta_path.exists() and not overwrite:
-        old = json.loads(meta_path.read_text())
-        identity = {key: old.get(key) for key in ("schema", "dataset", "plan")}
-        diff = _differences(identity, json.loads(json.dumps({key: new[key] for key in identity})))
-        if diff:
-            raise StoreError(f"{root}: holds output of a different configuration ({'; '.join(diff[:5])}); "
-                             "use another output directory or --overwrite")
-        before = old.get("recorded", {}).get("libraries", {})
-        now = new["recorded"].get("libraries", {})
-        changed = [f"{name} {before[name]} -> {now[name]}" for name in sorted(set(before) & set(now))
-                   if before[name] != now[name]]
-        if old.get("recorded") != json.loads(json.dumps(new["recorded"])):  # a finished rerun writes nothing
-            _atomic_write_text(meta_path, json.dumps(new, indent=1))
-        return [f"{root}: library versions changed since the earlier run ({', '.join(changed)}); each shard "
-                "records the versions that made it"] if changed else []
-    if overwrite:
-        for path in list(root.glob(SHARD_GLOB)) + list(root.glob(SHARD_GLOB + ".tmp")):
-            path.unlink()
-        (root / MANIFEST_FILE).unlink(missing_ok=True)
-    _atomic_write_text(meta_path, json.dumps(new, indent=1))
+    new = json.loads(json.dumps({"schema": schema.to_dict(), "dataset": dataset, "plan": plan,
+                                 "recorded": recorded or {}}))
+    identity = {key: new[key] for key in ("schema", "dataset", "plan")}
+    old = read_json(meta_path) if meta_path.exists() else None
+    if old is not None and not isinstance(old, dict):
+        raise DamagedError(f"{meta_path}: unreadable (not a JSON object)")
+    if old is not None:
+        diff = _differences({key: old.get(key) for key in identity}, identity)
+    else:
+        diff = _orphan_shard_differences(root, new["schema"])
+    if not diff:
+        warnings: list[str] = []
+        if old is not None:
+            before = (old.get("recorded") or {}).get("libraries", {})
+            now = new["recorded"].get("libraries", {})
+            changed = [f"{name} {before[name]} -> {now[name]}" for name in sorted(set(before) & set(now))
+                       if before[name] != now[name]]
+            if changed:
+                warnings.append(f"{root}: library versions changed since the earlier run ({', '.join(changed)}); "
+                                "each shard records the versions that made it")
+        if old is None or old.get("recorded") != new["recorded"]:  # a finished rerun writes nothing
+            write_text_atomic(meta_path, json.dumps(new, indent=1))
+        return warnings
+    if not overwrite:
+        raise StoreError(f"{root}: holds output of a different configuration ({'; '.join(diff[:5])}); "
+                         "use another output directory or --overwrite")
+    for path in root.glob(SHARD_GLOB):
+        path.unlink()
+    (root / MANIFEST_FILE).unlink(missing_ok=True)
+    write_text_atomic(meta_path, json.dumps(new, indent=1))
     return []
+
+
+def _orphan_shard_differences(root: Path, schema: dict[str, Any]) -> list[str]:
+    """Differences between ``schema`` and the schema stored in each shard of a directory without dataset.json."""
+    diff: list[str] = []
+    for path in sorted(root.glob(SHARD_GLOB)):
+        try:
+            with h5py.File(path, "r") as f:
+                stored = json.loads(f.attrs["asym3d_schema"])
+        except (OSError, KeyError, ValueError) as exc:
+            return [f"{path.name} unreadable ({os_reason(exc)})"]
+        diff = [f"{path.name}: {d}" for d in _differences({"schema": stored}, {"schema": schema})]
+        if diff:
+            return diff
+    return diff
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -184,21 +289,19 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     return []
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def load_dataset_meta(root: Path) -> dict[str, Any]:
     """The ``dataset.json`` of a stage output, with a clear error when the directory is not one."""
     meta_path = Path(root) / SCHEMA_FILE
     if not meta_path.is_file():
         raise StoreError(f"{root}: not an asym3d shard directory (no {SCHEMA_FILE})")
-    meta = json.loads(meta_path.read_text())
-    version = meta.get("schema", {}).get("version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{meta_path}: format version {version}, this asym3d reads version {FORMAT_VERSION}")
+    meta = read_json(meta_path)
+    schema = meta.get("schema") if isinstance(meta, dict) else None
+    if not isinstance(schema, dict):
+        raise DamagedError(f"{meta_path}: unreadable (no schema in it)")
+    version = schema.get("version")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"{meta_path}: format version {version}, this asym3d reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     return meta
 
 
@@ -218,33 +321,57 @@ class VideoMeta:
 class ShardWriter:
     """Write one shard atomically: ``with ShardWriter(path, schema, index) as w: w.add_video(...)``.
 
-    The file is built under ``<path>.tmp`` and renamed onto ``path`` only when the ``with`` block ends without an
-    exception, so a killed process never leaves a file that looks complete. ``recorded`` (library versions, backend)
-    is stored beside the schema and never compared.
+    The file is built under a temporary name (:func:`atomic_output`) and renamed onto ``path`` only when the ``with``
+    block ends without an exception, so a killed process never leaves a file that looks complete. ``recorded``
+    (library versions, backend) is stored beside the schema and never compared.
+
+    HDF5 crashes the process (segmentation fault) when a write fails inside a cache flush it does while closing
+    objects, which is where a full disk shows up by default. So the chunk cache is off (each video's arrays are
+    written whole, the cache bought nothing) and the file is flushed after every video: a full disk then fails a
+    normal call, the file closes cleanly, and the caller gets a one-line :class:`StoreError`.
     """
 
     def __init__(self, path: Path, schema: Schema, shard_index: int, recorded: dict[str, Any] | None = None):
         self.path = Path(path)
         self.schema = schema
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = h5py.File(self.tmp, "w")
-        self._file.attrs["asym3d_schema"] = json.dumps(schema.to_dict())
-        self._file.attrs["asym3d_recorded"] = json.dumps(recorded or {})
-        self._file.attrs["asym3d_shard"] = shard_index
-        self._videos = self._file.create_group("videos")
+        self._output = atomic_output(self.path)  # entered and left by hand: it spans this writer's own with-block
+        self.tmp = self._output.__enter__()
+        self._file: h5py.File | None = None
         self._failures: list[dict[str, str]] = []
+        try:
+            self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
+            self._file.attrs["asym3d_schema"] = json.dumps(schema.to_dict())
+            self._file.attrs["asym3d_recorded"] = json.dumps(recorded or {})
+            self._file.attrs["asym3d_shard"] = shard_index
+            self._videos = self._file.create_group("videos")
+            self._file.flush()
+        except BaseException as exc:
+            self._close(exc)
+            raise
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._file.attrs["failures"] = json.dumps(self._failures)
-            self._file.close()
-            os.replace(self.tmp, self.path)
+        if exc is None:
+            try:
+                self._file.attrs["failures"] = json.dumps(self._failures)
+            except OSError as err:
+                exc = err
+        self._close(exc)
+
+    def _close(self, exc: BaseException | None) -> None:
+        """Close the HDF5 file, then let :func:`atomic_output` rename the temporary file (no error) or delete it
+        (raising a one-line :class:`StoreError` when the error was the operating system's)."""
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError as err:
+            exc = exc or err
+        if exc is None:
+            self._output.__exit__(None, None, None)
         else:
-            self._file.close()
-            self.tmp.unlink(missing_ok=True)
+            self._output.__exit__(type(exc), exc, exc.__traceback__)
 
     def add_failure(self, video_id: str, source: str, reason: str) -> None:
         self._failures.append({"video_id": video_id, "path": source, "reason": reason})
@@ -257,6 +384,7 @@ class ShardWriter:
     def copy_video(self, source: h5py.File, key: str) -> None:
         """Copy a finished video from an earlier shard of the same schema byte for byte (no recomputation)."""
         source.copy(source["videos"][key], self._videos, name=f"{len(self._videos):04d}")
+        self._file.flush()
 
     def add_video(self, meta: VideoMeta, arrays: dict[str, np.ndarray]) -> None:
         """Store one video. ``arrays`` maps each schema field to its decoded values ((T, H, W, C))."""
@@ -275,6 +403,7 @@ class ShardWriter:
         group.attrs.update(video_id=meta.video_id, label=meta.label, label_name=meta.label_name,
                            source=meta.source, n_frames=n_frames,
                            splits=json.dumps({str(k): v for k, v in meta.splits.items()}))
+        self._file.flush()
 
 
 def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None:
@@ -284,11 +413,14 @@ def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None
     if spec.encoding == "jpeg":
         import simplejpeg
 
+        encoded = [np.frombuffer(simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
+                                                        colorspace="RGB", colorsubsampling=spec.subsampling),
+                                 np.uint8) for frame in values]
         data = group.create_dataset(spec.name, (len(values),), dtype=h5py.vlen_dtype(np.uint8))
-        for i, frame in enumerate(values):
-            encoded = simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
-                                             colorspace="RGB", colorsubsampling=spec.subsampling)
-            data[i] = np.frombuffer(encoded, np.uint8)
+        for i, frame in enumerate(encoded):
+            data[i] = frame
+        group.create_dataset(spec.name + CRC_SUFFIX, data=np.array([frame_crc(f) for f in encoded], np.uint32),
+                             chunks=(max(len(encoded), 1),), fletcher32=True)
         return
     dtype = np.dtype(spec.dtype)
     if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
@@ -297,7 +429,13 @@ def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None
     else:
         stored = values.astype(dtype, copy=False)
     chunks = (1,) + stored.shape[1:] if len(stored) else None
-    group.create_dataset(spec.name, data=stored, chunks=chunks, compression=spec.compression)
+    group.create_dataset(spec.name, data=stored, chunks=chunks, compression=spec.compression,
+                         fletcher32=bool(len(stored)))
+
+
+def frame_crc(encoded: np.ndarray) -> int:
+    """CRC-32 of one stored JPEG frame's bytes (HDF5 checksums cannot cover variable-length data)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(encoded, np.uint8)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +466,10 @@ class ShardSet:
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: no such directory")
         meta = load_dataset_meta(self.root)
-        self.schema = Schema.from_dict(meta["schema"])
+        try:
+            self.schema = Schema.from_dict(meta["schema"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DamagedError(f"{self.root / SCHEMA_FILE}: unreadable schema ({exc})") from None
         self.dataset: dict[str, Any] = meta.get("dataset", {})
         self.plan: list[list[str]] = meta.get("plan", [])
         self.videos: list[VideoEntry] = []
@@ -336,28 +477,42 @@ class ShardSet:
         self.complete_shards: list[str] = []
         self.recorded: dict[str, dict[str, Any]] = {}  # shard name -> what ran (library versions, backend)
         for path in sorted(self.root.glob(SHARD_GLOB)):
+            videos, failures, recorded = self._read_index(path)
+            self.complete_shards.append(path.name)
+            self.recorded[path.name] = recorded
+            self.videos.extend(videos)
+            self.failures.extend(failures)
+        self._by_id = {v.video_id: v for v in self.videos}
+        self._files: dict[str, h5py.File] = {}
+
+    def _read_index(self, path: Path) -> tuple[list[VideoEntry], list[dict[str, str]], dict[str, Any]]:
+        """One shard's videos, failures and what ran (``asym3d_recorded``); a shard that cannot be opened or parsed
+        is a one-line DamagedError."""
+        try:
             with h5py.File(path, "r") as f:
                 self._check_shard_schema(path, f)
-                self.complete_shards.append(path.name)
-                self.recorded[path.name] = json.loads(f.attrs.get("asym3d_recorded", "{}"))
-                self.failures.extend(json.loads(f.attrs.get("failures", "[]")))
+                recorded = json.loads(f.attrs.get("asym3d_recorded", "{}"))
+                failures = json.loads(f.attrs.get("failures", "[]"))
+                videos = []
                 for key, group in f["videos"].items():
                     a = group.attrs
-                    self.videos.append(VideoEntry(
+                    videos.append(VideoEntry(
                         video_id=str(a["video_id"]), label=int(a["label"]), label_name=str(a["label_name"]),
                         n_frames=int(a["n_frames"]), shard=path.name, key=key, source=str(a["source"]),
                         splits={int(k): v for k, v in json.loads(a["splits"]).items()}))
-        self._by_id = {v.video_id: v for v in self.videos}
-        self._files: dict[str, h5py.File] = {}
+                return videos, failures, recorded
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect {self.root} "
+                               "--verify, and --repair on the stage that wrote it") from None
 
     def _check_shard_schema(self, path: Path, f: h5py.File) -> None:
         raw = f.attrs.get("asym3d_schema")
         if raw is None:
             raise StoreError(f"{path}: not an asym3d shard (no schema attribute)")
         stored = json.loads(raw)
-        if stored.get("version") != FORMAT_VERSION:
+        if stored.get("version") not in READABLE_VERSIONS:
             raise StoreError(f"{path}: format version {stored.get('version')}, "
-                             f"this asym3d reads version {FORMAT_VERSION}")
+                             f"this asym3d reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         if stored != json.loads(json.dumps(self.schema.to_dict())):
             raise StoreError(f"{path}: schema differs from {self.root / SCHEMA_FILE} (shard of another run)")
 
@@ -392,20 +547,24 @@ class ShardSet:
         """
         video = video_id if isinstance(video_id, VideoEntry) else self.video(video_id)
         spec = self.schema.field(name)
-        ds = self._handle(video.shard)["videos"][video.key][spec.name]
-        if index is not None:
-            idx = np.asarray(list(index), dtype=np.int64)
-            uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing indices
-            raw = ds[uniq.tolist()]
-            raw = raw[inverse] if spec.encoding == "raw" else [raw[i] for i in inverse]
-        else:
-            raw = ds[start:stop]
-        return decode_field(spec, raw)
+        where = f"{self.root / video.shard}: video {video.video_id!r}, field {name!r}"
+        handle = self._handle(video.shard)  # a shard that does not open names itself
+        try:
+            raw = read_checked(handle["videos"][video.key], spec, start, stop, index,
+                               checksums=self.schema.version >= 2)
+        except (OSError, KeyError) as exc:
+            raise DamagedError(f"{where}: {os_reason(exc)}") from None
+        except DamagedError as exc:
+            raise DamagedError(f"{where}: {exc}") from None
+        try:
+            return decode_field(spec, raw)
+        except ValueError as exc:  # simplejpeg: a frame that passed its CRC yet does not decode
+            raise DamagedError(f"{where}: {exc}") from None
 
     def _handle(self, shard: str) -> h5py.File:
         handle = self._files.get(shard)
         if handle is None:
-            handle = self._files[shard] = h5py.File(self.root / shard, "r")
+            handle = self._files[shard] = open_shard(self.root / shard)
         return handle
 
     def close(self) -> None:
@@ -420,6 +579,43 @@ class ShardSet:
 
     def __iter__(self) -> Iterator[VideoEntry]:
         return iter(self.videos)
+
+
+def open_shard(path: Path | str) -> h5py.File:
+    """Open a finished shard for reading; one that HDF5 cannot open is a one-line :class:`DamagedError`."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect --verify, and --repair "
+                           "on the stage that wrote it") from None
+
+
+def read_checked(group: h5py.Group, spec: FieldSpec, start: int = 0, stop: int | None = None,
+                 index: Iterable[int] | None = None, *, checksums: bool = True) -> Any:
+    """Stored values of one field of one video group (frames ``start:stop`` or ``index``), checksums checked.
+
+    Raw arrays: h5py raises OSError when a chunk fails its fletcher32 checksum. JPEG frames: each frame's CRC-32 is
+    compared here; a mismatch raises :class:`DamagedError` naming the frame. ``checksums=False`` reads format
+    version 1 shards, which have none.
+    """
+    ds = group[spec.name]
+    if index is not None:
+        idx = np.asarray(list(index), dtype=np.int64)
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing indices
+        raw = ds[uniq.tolist()]
+        frames = uniq
+        raw = raw[inverse] if spec.encoding == "raw" else [raw[i] for i in inverse]
+        order = inverse
+    else:
+        raw = ds[start:stop]
+        frames = np.arange(len(ds))[start:stop]
+        order = np.arange(len(frames))
+    if spec.encoding == "jpeg" and checksums:
+        crcs = group[spec.name + CRC_SUFFIX][frames.tolist()] if len(frames) else []
+        for position, i in enumerate(order):
+            if frame_crc(raw[position]) != crcs[i]:
+                raise DamagedError(f"frame {int(frames[i])} fails its CRC-32 checksum")
+    return raw
 
 
 def decode_field(spec: FieldSpec, raw: Any) -> np.ndarray:
@@ -467,5 +663,5 @@ def write_manifest(root: Path) -> dict[str, Any]:
         "videos": entries,
         "pending": pending,
     }
-    _atomic_write_text(Path(root) / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    write_text_atomic(Path(root) / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return manifest

@@ -26,6 +26,7 @@ from model.evaluate import (
     load_scores,
     save_scores,
     video_metrics,
+    write_reports,
 )
 from model.fusion import fuse_results, parse_weights
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
@@ -233,6 +234,28 @@ def test_fusion_refuses_other_videos_or_labels(tmp_path):
         fuse_results([base, other_labels])
     res = CliRunner().invoke(main, ["evaluate", "--fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--splits", "1"])
     assert res.exit_code == 1 and "other videos" in res.output
+
+
+def test_a_report_of_other_splits_or_checkpoints_is_never_replaced(tmp_path):
+    result = SplitResult(1, ["a", "b"], np.array([0, 1]), np.eye(2, len(CLASSES), dtype=np.float32), CLASSES,
+                         np.full(2, 250), source={"choice": "best"})
+    best = {"splits": [1], "checkpoints": ["best"], "clips": 25, "crops": 10, "shards": None}
+    write_reports([result], tmp_path / "eval", identity=best)
+    write_reports([result], tmp_path / "eval", identity=best)  # the same evaluation again: replaced
+    before = (tmp_path / "eval" / "results.json").read_bytes()
+    with pytest.raises(EvaluationError, match="results.json: holds a report of .*'best'.*refusing to replace it"):
+        write_reports([result], tmp_path / "eval", identity={**best, "checkpoints": ["last"]})
+    assert (tmp_path / "eval" / "results.json").read_bytes() == before
+
+
+def test_fusion_refuses_scores_from_different_checkpoint_choices(tmp_path):
+    for run, choice in (("a", "best"), ("b", "last")):
+        (tmp_path / run / "eval").mkdir(parents=True)
+        save_scores(SplitResult(1, ["a"], np.array([0]), np.ones((1, len(CLASSES)), np.float32), CLASSES,
+                                np.full(1, 250), source={"choice": choice}),
+                    tmp_path / run / "eval" / "scores_split1.npz")
+    res = CliRunner().invoke(main, ["evaluate", "--fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--splits", "1"])
+    assert res.exit_code == 1 and "different checkpoint choices" in res.output and "'last'" in res.output
 
 
 def test_cli_single_split_run_hints_at_checkpoint_and_bad_devices_are_one_line(tmp_path, net_state):

@@ -103,7 +103,7 @@ def test_killed_run_resumes_without_redoing_finished_shards(tmp_path: Path) -> N
     summary = extract_flow(index_dataset("folder", root), out, _cfg(backend="cpu", per_shard=1), progress=False)
     assert summary.shards_skipped == len(done)
     assert summary.videos_ok == 6 and not summary.failures
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp.*"))  # the killed run's temporary file was cleared under the lock
     for name, stamp in done.items():  # finished shards were not rewritten
         assert (out / name).stat().st_mtime_ns == stamp
 

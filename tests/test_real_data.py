@@ -17,6 +17,7 @@ from cli import main
 from media import make_video, translating_texture
 from pipeline.datasets import index_dataset
 from pipeline.decode import DecodeConfig, decode_video, ffmpeg_exe
+from pipeline.store import FORMAT_VERSION
 
 DATA = Path(__file__).resolve().parent / "data"
 CLIPS = DATA / "real_clips"
@@ -105,7 +106,7 @@ def test_the_road_on_real_clips_with_official_lists_and_a_class_subset(tmp_path:
     summary = _run("inspect", str(flow))
     assert "4 ok, 0 failed" in summary
     assert "class subset of 101 (label=name (official label)): 0=Basketball (7), 1=PushUps (71)" in summary
-    assert "made with (1 shards): asym3d_format 1" in summary and "backend dis" in summary
+    assert f"made with (1 shards): asym3d_format {FORMAT_VERSION}" in summary and "backend dis" in summary
     _run("build-rgbf", str(flow), str(shards), "--modalities", "rgb,rgbf", "--storage", "lzf")
     _run("train", str(shards), "--model", "c3d-b5", "--input", "rgbf", "--splits", "1", "--out", str(runs),
          "--clip", "16x32x32", "--epochs", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu")

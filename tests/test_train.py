@@ -20,7 +20,7 @@ from cli import main
 from model.clips import clip_indices
 from model.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from model.data import CentreClips, DataError, TrainClips, View, open_training_shards, split_videos
-from model.train import TrainConfig, TrainError, init_from_checkpoint, make_config, train
+from model.train import TrainConfig, TrainError, init_from_checkpoint, make_config, train, train_splits
 from model import build_model
 from pipeline.store import FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, prepare_output, shard_name
 
@@ -269,3 +269,31 @@ def test_cli_trains_each_split_and_reports_bad_input(shards: Path, tmp_path: Pat
     assert result.output.strip().splitlines() == [f"Error: {tmp_path / 'nowhere'}: no such shard directory"]
     result = runner.invoke(main, args + ["--input", "flow", "--model", "nope"])
     assert result.exit_code == 1 and "unknown model 'nope'" in result.output
+
+
+def test_splits_resume_continues_the_interrupted_split_and_skips_finished_ones(shards: Path, one_epoch_run: Path,
+                                                                               tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    shutil.copytree(one_epoch_run, out / "split1")  # split 1 finished its one epoch; split 2 never saved one
+    finished = (out / "split1" / "last.pt").read_bytes()
+    with pytest.raises(TrainError, match="split1: already holds a run"):
+        train_splits(config(shards, out, epochs=1), [1, 2])
+    results = train_splits(config(shards, out, epochs=1, resume=True), [1, 2])
+    assert [len(r["history"]) for r in results] == [1, 1]
+    assert (out / "split1" / "last.pt").read_bytes() == finished  # nothing redone
+    assert load_checkpoint(out / "split2" / "last.pt")["config"]["split"] == 2
+
+
+def test_unreadable_video_is_skipped_and_counted_up_to_the_cap(shards: Path, tmp_path: Path) -> None:
+    from test_integrity import _flip, _stored_regions
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    shard = damaged / shard_name(1)
+    _, offset, size = next(r for r in _stored_regions(shard) if r[0].endswith("rgb chunk 0"))
+    _flip(shard, offset + size // 2)
+    result = train(config(damaged, tmp_path / "ok", epochs=1, max_bad_videos=1))
+    assert len(result["history"]) == 1
+    with pytest.raises(TrainError, match=r"1 videos could not be read \(more than --max-bad-videos 0\).*"
+                                         r"shard-00001.h5: video '.*', field 'rgb'"):
+        train(config(damaged, tmp_path / "stop", epochs=1, max_bad_videos=0))
