@@ -3,12 +3,14 @@
 Three figures per network, measured side by side in one run on the same synthetic training shard (128x171 RGB
 frames, raw uint8, written with ``pipeline.store``):
 
-- view preparation alone: ``model.evaluate.ClipViews`` (HDF5 read of one clip, 10 crops/flips, normalisation);
+- view preparation alone, as the host does it: ``model.evaluate.ClipViews`` items (HDF5 read of one whole-frame
+  uint8 clip), then ``ClipViews.views`` (10 crops/flips + normalisation, done on the network's device: here the
+  CPU, so the cost is shown apart);
 - the network alone: forward passes of ``--batch`` views of 3x16x112x112 under ``torch.inference_mode``;
 - end to end: ``model.evaluate.score_videos`` (what ``asym3d evaluate`` runs), in this one process (workers=0).
 
 The end-to-end rate is extrapolated to one UCF-101 split (3,783 test videos x 250 views). Weights are untrained:
-speed does not depend on them. On CUDA (``--device cuda``) autocast float16 is used, as in ``asym3d evaluate``.
+speed does not depend on them. The precision is ``asym3d evaluate``'s (model.runtime: bf16 on a GPU, fp32 on a CPU).
 
     .venv/bin/python bench/eval_views.py [--models c3d-b5,asym3d] [--threads 2] [--batch 10] [--device cpu]
 """
@@ -60,11 +62,14 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def preparation_rate(shards: ShardSet, clips: int) -> tuple[float, float]:
+def preparation_rates(shards: ShardSet, clips: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Views/s of (reading the uint8 clips, what loader workers do) and (building the views from them on the CPU)."""
     views = clip_views(shards, clips)
-    with Timer() as t:
-        n = sum(views[i][1].shape[0] for i in range(len(views)))
-    return n / t.wall, n / t.cpu
+    with Timer() as read:
+        batch = torch.stack([views[i][1] for i in range(len(views))])
+    with Timer() as build:
+        n = views.views(batch).shape[0]
+    return (n / read.wall, n / read.cpu), (n / build.wall, n / build.cpu)
 
 
 def forward_rate(net: torch.nn.Module, batch: int, repeats: int, device: torch.device) -> tuple[float, float]:
@@ -85,7 +90,7 @@ def end_to_end_rate(net: torch.nn.Module, shards: ShardSet, clips: int, batch: i
                     device: torch.device) -> tuple[float, float]:
     views = clip_views(shards, clips)
     with Timer() as t:
-        _, counts = score_videos(net, views, batch_size=batch, device=device, progress=False)
+        counts = score_videos(net, views, batch_size=batch, device=device, progress=False).views
     return int(counts.sum()) / t.wall, int(counts.sum()) / t.cpu
 
 
@@ -103,7 +108,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         shards = synthetic_shards(Path(tmp) / "shards", frames=120)
-        prep = preparation_rate(shards, clips=25)
+        read, build = preparation_rates(shards, clips=25)
         rows = []
         for name in args.models.split(","):
             net = build_model(name).to(device).eval()
@@ -117,11 +122,13 @@ def main() -> None:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     print(f"Machine: {where}; torch {torch.__version__}. Each cell: per wall-clock second / per CPU-second of "
-          f"this process. View preparation (HDF5 read + 10 crops/flips + normalise, one process): "
-          f"{prep[0]:.0f} / {prep[1]:.0f} views/s.\n")
+          f"this process. View preparation, one process: reading the uint8 clips (the loader's part) "
+          f"{read[0]:.0f} / {read[1]:.0f} views/s; building the 10 views from them on the CPU (a GPU's part "
+          f"when evaluating there) {build[0]:.0f} / {build[1]:.0f} views/s.\n")
     print("| network | device | batch | network views/s | end-to-end views/s | one UCF-101 split (3,783 x 250 views) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
+
 
 if __name__ == "__main__":
     main()

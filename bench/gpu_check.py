@@ -472,10 +472,11 @@ def section_steps(ctx: Context, sec: Section) -> None:
 
 def section_loader(ctx: Context, sec: Section) -> None:
     demand = {n: r for n, r in ctx.shared.get("clips_per_s", {}).items() if n in ("c3d-b5", "asym3d")}
-    sec.lines += [f"Training DataLoader (`model.data.TrainClips`, batch 16, random 16x112x112 crops and flips, "
-                  f"normalised, from the carried JPEG q90 4:2:0 shards) against the trainer's demand (clips/s of one "
+    sec.lines += [f"Training DataLoader (`model.data.TrainClips`, batch 16, random 16x112x112 uint8 crops with "
+                  f"their flip flags, from the carried JPEG q90 4:2:0 shards; mirroring and normalisation happen on "
+                  f"the trainer's device) against the trainer's demand (clips/s of one "
                   f"training process from the step-time table above). Host: {os.cpu_count()} CPUs.", "",
-                  "| workers | loader clips/s | " + " | ".join(f"x {n} demand" for n in demand) + " |",
+                  "| " + " | ".join(["workers", "loader clips/s", *(f"x {n} demand" for n in demand)]) + " |",
                   "|---:|---:|" + "---:|" * len(demand)]
     torch.set_num_threads(1)  # as in DataLoader workers: workers=0 is not charged for intra-op threads
     try:
@@ -483,7 +484,7 @@ def section_loader(ctx: Context, sec: Section) -> None:
             if not sec.has_time(f"loader with {workers} workers"):
                 break
             rate = loader_rate(ctx.inputs / "shards", workers, ctx.plan.loader_batches)
-            sec.lines.append(f"| {workers} | {rate:.1f} | " + " | ".join(f"{rate / d:.2f}" for d in demand.values())
+            sec.lines.append("| " + " | ".join([str(workers), f"{rate:.1f}", *(f"{rate / d:.2f}" for d in demand.values())])
                              + " |")
             log(f"loader: {workers} workers: {rate:.1f} clips/s")
     finally:
@@ -491,10 +492,10 @@ def section_loader(ctx: Context, sec: Section) -> None:
 
 
 def section_evaluate(ctx: Context, sec: Section) -> None:
-    checkpoints = ctx.shared.get("checkpoints", {})
-    if not checkpoints:
-        sec.check(False, "no checkpoint from the train section")
-        return
+    if not ctx.shared.get("checkpoints"):  # run alone: train the first overfit network here
+        overfit(ctx, sec, ctx.plan.overfit_models[0], False)
+        sec.lines.append("")
+    checkpoints = ctx.shared["checkpoints"]
     name, path = next(iter(checkpoints.items()))
     shards = ctx.inputs / "shards"
     clips = ctx.plan.eval_compare_clips

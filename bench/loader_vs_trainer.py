@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from model import build_model
-from model.data import EpochSampler, TrainClips, channel_statistics, open_training_shards, split_videos
+from model.data import EpochSampler, TrainClips, open_training_shards, split_videos
 from pipeline.store import VideoMeta
 from train_shards import write_train_shards
 
@@ -63,9 +63,8 @@ def loader_rate(root: Path, workers: int, batches: int) -> float:
     """
     shards = open_training_shards(root, "rgb")
     videos = split_videos(shards, 1, "rgb", 0.0).train
-    mean, std = channel_statistics(shards, videos, "rgb")
     shards.close()
-    data = TrainClips(shards, videos, "rgb", 16, 112, mean, std, seed=0)
+    data = TrainClips(shards, videos, "rgb", 16, 112, seed=0)
     sampler, keys = EpochSampler(len(data), seed=0), []
     while len(keys) < (batches + 1) * BATCH:
         sampler.set_epoch(len(keys) // len(data))

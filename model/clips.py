@@ -1,7 +1,8 @@
 """Clip sampling, crops and flips shared by the trainer (random views) and the evaluator (the 250-view protocol).
 
-Frames are uint8 arrays ``(T, H, W, C)`` as the training shards store them; tensors handed to networks are float
-``(C, T, H, W)``. Flow images store u in channel 0 as ``127.5 + u * 127.5 / bound`` (see ``pipeline.rgbf``), so a
+Frames are uint8 arrays ``(T, H, W, C)`` as the training shards store them, and stay uint8 until they reach the
+device the network runs on; tensors handed to networks are float ``(C, T, H, W)``, made there by
+:func:`network_input` and :func:`test_views`. Flow images store u in channel 0 as ``127.5 + u * 127.5 / bound`` (see ``pipeline.rgbf``), so a
 horizontal flip, which negates horizontal motion, maps channel 0 to ``255 - value`` exactly.
 """
 from __future__ import annotations
@@ -45,18 +46,43 @@ def crop(frames: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return frames[:, top:top + size, left:left + size]
 
 
-def flip_horizontal(frames: np.ndarray, modality: str) -> np.ndarray:
-    """Mirror left-right; for flow images also negate u (channel 0), as a mirrored video moves the other way."""
-    flipped = frames[:, :, ::-1]
+def network_input(clips: torch.Tensor, flips: torch.Tensor, modality: str, mean: torch.Tensor,
+                  std: torch.Tensor) -> torch.Tensor:
+    """uint8 clips ``(B, T, H, W, C)`` -> normalised float32 ``(B, C, T, H, W)``, mirrored where ``flips`` (B,) is set.
+
+    Why here and not in the data workers: the host ships uint8 (a quarter of float32's bytes) and the device, where
+    the clips already are, does the per-pixel work in one pass per batch. ``mean``/``std`` are (C,) on the 0..255
+    scale, on the clips' device.
+    """
+    clips = torch.where(flips.view(-1, 1, 1, 1, 1), mirror(clips, modality), clips)
+    return normalise(clips, mean, std)
+
+
+def mirror(clips: torch.Tensor, modality: str) -> torch.Tensor:
+    """Left-right mirror of uint8 clips ``(..., H, W, C)``; a flow image also has u (channel 0) negated: ``255 -
+    value``, since a mirrored video moves the other way."""
+    mirrored = clips.flip(-2)
     if modality in FLOW_MODALITIES:
-        flipped = flipped.copy()
-        flipped[..., 0] = 255 - flipped[..., 0]
-    return np.ascontiguousarray(flipped)
+        mirrored[..., 0] = 255 - mirrored[..., 0]
+    return mirrored
 
 
-def to_tensor(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 ``(T, H, W, C)`` -> normalised float32 ``(C, T, H, W)``; mean/std are per channel on the 0..255 scale."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1, 1)
-    return (x - mean_t) / std_t
+def normalise(clips: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, T, H, W, C)`` -> float32 ``(B, C, T, H, W)``, ``(x - mean) / std`` per channel, in one buffer (its
+    memory is channels-last, which the bf16 path wants and the float32 path copies once)."""
+    x = clips.permute(0, 4, 1, 2, 3).float()
+    return x.sub_(mean.view(1, -1, 1, 1, 1)).div_(std.view(1, -1, 1, 1, 1))
+
+
+def test_views(clips: torch.Tensor, positions: list[tuple[int, int]], size: int, mirrored: bool, modality: str,
+               mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The evaluation views of whole-frame uint8 clips ``(N, T, H, W, C)``: ``(N * V, C, T, size, size)`` normalised.
+
+    Per clip, in this order: one crop per ``(top, left)`` of ``positions`` (the centre, then the 4 corners), then, when
+    ``mirrored``, the same crops mirrored: V = len(positions) * (2 if mirrored else 1), the paper's 10 crops. Crops
+    and mirrors are taken on uint8, so the float work is one normalisation of the views.
+    """
+    crops = torch.stack([clips[:, :, top:top + size, left:left + size] for top, left in positions], dim=1)
+    if mirrored:
+        crops = torch.cat((crops, mirror(crops, modality)), dim=1)
+    return normalise(crops.flatten(0, 1), mean, std)

@@ -6,7 +6,7 @@ Sampling (paper §4.3, DESIGN.md "Data"):
   video shorter than the clip loops (0, 1, .., n-1, 0, ..; see :func:`model.clips.clip_indices`). The crop's top and
   left are drawn uniformly over every position the frame allows, so the centre and the four corners are among the
   possible crops (a 171x128 frame has 17x60 positions for a 112 crop). A horizontal flip with probability 1/2; for
-  flow images the flip also negates u (:func:`model.clips.flip_horizontal`).
+  flow images the flip also negates u (:func:`model.clips.network_input`, on the device).
 - Validation: one clip per test video, centred in time and space, unflipped: a cheap accuracy for choosing
   ``best.pt``; the full 250-view protocol is the evaluator's job.
 
@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from pipeline.errors import Asym3dError
 from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, VideoEntry
 
-from .clips import clip_indices, crop, crop_positions, flip_horizontal, to_tensor
+from .clips import clip_indices, crop, crop_positions
 
 MODALITIES = ("rgb", "flow", "rgbf")
 
@@ -136,10 +136,13 @@ class View:
 
 
 class _Clips(Dataset):
-    """Clips of ``modality`` from ``videos``; samples are ``{modality: (C, T, S, S) float, "label": int}``."""
+    """Clips of ``modality`` from ``videos``; samples are ``{"clip": (T, S, S, C) uint8, "flip": bool, "label": int}``.
 
-    def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], modality: str, clip_len: int, crop_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
+    The clip is cropped here (fewer bytes to ship) but neither mirrored nor normalised: the device the network runs
+    on does both for a whole batch (:func:`model.clips.network_input`).
+    """
+
+    def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], modality: str, clip_len: int, crop_size: int):
         height, width = shards.schema.height, shards.schema.width
         if crop_size > height or crop_size > width:
             raise DataError(f"{shards.root}: crop {crop_size} does not fit the stored {height}x{width} frames "
@@ -149,8 +152,6 @@ class _Clips(Dataset):
         self.modality = modality
         self.clip_len = clip_len
         self.crop_size = crop_size
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -167,10 +168,8 @@ class _Clips(Dataset):
                                                                                self.clip_len).tolist())
         except DamagedError as err:
             return {"unreadable": (video.video_id, str(err))}
-        frames = crop(frames, view.top, view.left, self.crop_size)
-        if view.flip:
-            frames = flip_horizontal(frames, self.modality)
-        return {self.modality: to_tensor(frames, self.mean, self.std), "label": video.label}
+        frames = np.ascontiguousarray(crop(frames, view.top, view.left, self.crop_size))
+        return {"clip": torch.from_numpy(frames), "flip": view.flip, "label": video.label}
 
 
 def collate_readable(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from pipeline.lock import DirectoryLock
 from pipeline.store import ShardSet, StoreError, VideoEntry, atomic_output, read_json, write_text_atomic
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-from .clips import clip_indices, crop, crop_positions, evenly_spaced_starts, flip_horizontal, to_tensor
+from .clips import clip_indices, crop_positions, evenly_spaced_starts, test_views
+from .runtime import Runtime
 
 CROP_CHOICES = (1, 10)
 METRICS = ("top1", "top5", "mean_class")
@@ -136,10 +137,12 @@ def markdown_table(summary: dict[str, Any], title: str = "") -> str:
 
 
 class ClipViews(Dataset):
-    """Item ``i`` = one clip of one video -> ``(video position, views)``, views float ``(V, C, T, S, S)``.
+    """Item ``i`` = one clip of one video -> ``(video position, clip)``, the clip uint8 ``(T, H, W, C)`` whole-frame.
 
-    ``V`` is 1 (centre crop) or 10 (centre + 4 corners, each also mirrored). Pickles without open HDF5 handles
-    (see :class:`ShardSet`), so DataLoader workers each open their own.
+    Its ``V`` views (1: the centre crop; 10: centre + 4 corners, each also mirrored) are made on the device the
+    network runs on (:meth:`views`), from one uint8 clip: a tenth of the bytes of ten float views, and no per-pixel
+    work on the host. Pickles without open HDF5 handles (see :class:`ShardSet`), so DataLoader workers each open their
+    own.
     """
 
     def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], field_name: str, *, clip_len: int,
@@ -150,7 +153,7 @@ class ClipViews(Dataset):
             raise ConfigError(f"need at least one clip per video, got {num_clips}")
         self.shards, self.field_name = shards, field_name
         self.clip_len, self.crop_size, self.crops = clip_len, crop_size, crops
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.mean, self.std = list(mean), list(std)
         self.videos = list(videos)
         self.items: list[tuple[int, int]] = []
         for position, video in enumerate(self.videos):
@@ -167,13 +170,12 @@ class ClipViews(Dataset):
         position, start = self.items[i]
         video = self.videos[position]
         index = clip_indices(self.shards.field_length(video, self.field_name), start, self.clip_len)
-        frames = self.shards.read(video, self.field_name, index=index)
-        views = [crop(frames, top, left, self.crop_size) for top, left in self.positions]
-        if self.crops == 10:
-            views += [flip_horizontal(v, self.field_name) for v in views]
-        # one normalisation pass over all views (C, V*T, S, S): several times cheaper than one call per view
-        tensor = to_tensor(np.concatenate(views), self.mean, self.std)
-        return position, tensor.unflatten(1, (len(views), self.clip_len)).transpose(0, 1)
+        return position, torch.from_numpy(self.shards.read(video, self.field_name, index=index))
+
+    def views(self, clips: torch.Tensor) -> torch.Tensor:
+        """The views of a batch of clips ``(N, T, H, W, C)`` uint8, on their device: ``(N * V, C, T, S, S)``."""
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=clips.device) for v in (self.mean, self.std))
+        return test_views(clips, self.positions, self.crop_size, self.crops == 10, self.field_name, mean, std)
 
 
 @dataclass
@@ -187,18 +189,20 @@ class VideoScores:
 
 def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, device: str | torch.device = "cpu",
                  workers: int = 0, progress: bool = True, desc: str = "evaluate",
-                 feature_layer: str | None = None) -> VideoScores:
+                 feature_layer: str | None = None, precision: str = "auto") -> VideoScores:
     """Mean softmax scores of ``model`` over the views of each video of ``views``.
 
     Batches hold ``max(1, batch_size // V)`` clips (``V`` views each) and may span videos, so a GPU sees full
-    batches. Runs under ``torch.inference_mode``, with autocast (float16) on CUDA; softmax is taken in float32.
+    batches. Runs under ``torch.inference_mode`` with the training's precision policy (:mod:`model.runtime`: bf16
+    autocast on a GPU that has it); softmax is taken in float32.
     ``feature_layer`` (e.g. "fc6") also averages that layer's ReLU output per video, as C3D's "net + linear SVM"
     protocol uses it.
     """
-    device = torch.device(device)
+    runtime = Runtime.choose(device, precision)
+    device = runtime.device
     loader = DataLoader(views, batch_size=max(1, batch_size // views.views_per_clip), shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
-    model = model.to(device).eval()
+    model = runtime.prepare(model).eval()
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(len(views.videos), dtype=torch.int64)
     captured: list[torch.Tensor] = []
@@ -207,10 +211,10 @@ def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, de
         hook = model.get_submodule(feature_layer).register_forward_hook(
             lambda module, args, output: captured.append(torch.relu(output.float())))
     with torch.inference_mode():
-        for positions, batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-            n_clips, n_views = batch.shape[:2]
-            batch = batch.flatten(0, 1).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        for positions, clips in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            n_clips, n_views = len(clips), views.views_per_clip
+            batch = runtime.inputs(views.views(clips.to(device, non_blocking=True)))
+            with runtime.autocast():
                 logits = model(batch)
             outputs = {"scores": logits.float().softmax(dim=1)}
             if captured:

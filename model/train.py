@@ -47,6 +47,8 @@ from pipeline.errors import Asym3dError
 from pipeline.lock import DirectoryLock
 from pipeline.store import atomic_output, write_text_atomic
 
+from .clips import network_input
+from .runtime import PRECISIONS, Runtime
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import (MODALITIES, CentreClips, EpochSampler, TrainClips, channel_statistics, collate_readable,
                    open_training_shards, split_videos)
@@ -58,8 +60,8 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "none": {},
 }
 # Settings a resumed run may change: where things are and how fast it runs, never what is computed.
-RUNTIME_FIELDS = ("shard_dir", "out_dir", "epochs", "workers", "device", "compile", "progress", "resume",
-                  "max_missing", "max_bad_videos")
+RUNTIME_FIELDS = ("shard_dir", "out_dir", "epochs", "workers", "device", "compile", "precision", "progress",
+                  "resume", "max_missing", "max_bad_videos")
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "clips_per_s", "seconds")
 
 
@@ -95,6 +97,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (fc8 re-initialised when the class count differs)
     resume: bool = False  # continue out_dir/last.pt
     compile: bool = False  # torch.compile the network
+    precision: str = "auto"  # model.runtime.PRECISIONS: bf16 autocast on a GPU that has it, float32 elsewhere
     max_missing: float = 0.05  # largest tolerated fraction of planned videos absent from the shards
     max_bad_videos: int = 10  # videos whose stored frames fail to read are skipped, up to this many, then stop
     progress: bool = True  # progress bars and per-epoch lines (rank 0)
@@ -106,6 +109,8 @@ class TrainConfig:
             raise TrainError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainError(f"unknown device {self.device!r}; valid: auto, cpu, cuda")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         for name in ("epochs", "batch_size", "clip_len", "crop"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -265,13 +270,6 @@ def _step_decay(step: int, gamma: float) -> Any:
     return lambda epoch: gamma ** (epoch // step) if step else 1.0
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the GPU supports it, fp16 (with loss scaling) otherwise; full precision on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
     with atomic_output(out / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
@@ -349,21 +347,23 @@ class _Run:
             self.normalization = {"mean": mean, "std": std}
         shards.close()  # workers fork from here: each must open its own HDF5 handles
 
-        self.model_kwargs = {"num_classes": len(self.classes), "in_channels": 3,
-                             "clip": [cfg.clip_len, cfg.crop, cfg.crop], "batch_norm": cfg.batch_norm,
-                             "dropout": cfg.dropout}
-        self.net = build_model(cfg.model, **{**self.model_kwargs, "clip": tuple(self.model_kwargs["clip"])})
+        self.net = build_model(cfg.model, num_classes=len(self.classes), in_channels=3,
+                               clip=(cfg.clip_len, cfg.crop, cfg.crop), batch_norm=cfg.batch_norm, dropout=cfg.dropout)
+        # the checkpoint's architecture is the network's own record of how it was built (model.networks.Net3D.arch)
+        self.model_kwargs = {k: list(v) if k == "clip" else v for k, v in self.net.arch.items() if k != "name"}
         if cfg.init and resume is None:
             fresh = init_from_checkpoint(self.net, cfg.init, cfg.model)
             self.log(f"initialised from {cfg.init}" + (" (fc8 re-initialised: class count differs)" if fresh else ""))
         device = self.env.device
+        self.runtime = Runtime.choose(device, cfg.precision)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            self.net.to(device, memory_format=torch.channels_last_3d)
+        self.runtime.prepare(self.net)
         self.optimizer = _optimizer(self.net, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _step_decay(cfg.lr_step, cfg.lr_gamma))
-        self.amp_dtype = _amp_dtype(device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        # the normalisation happens on the device (model.clips.network_input), with these
+        self.mean, self.std = (torch.tensor(self.normalization[k], dtype=torch.float32, device=device)
+                               for k in ("mean", "std"))
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
         self.best = {"best_acc": -1.0, "best_epoch": 0}
@@ -372,7 +372,6 @@ class _Run:
             self.net.load_state_dict(resume["model_state"])
             self.optimizer.load_state_dict(resume["optimizer_state"])
             self.scheduler.load_state_dict(resume["scheduler_state"])
-            self.scaler.load_state_dict(resume.get("scaler_state", {}))
             self.start_epoch = int(resume["epoch"])
             self.history = list(resume["metrics"]["history"])
             self.best = {key: resume["metrics"][key] for key in self.best}
@@ -392,9 +391,8 @@ class _Run:
 
     def _make_loaders(self, shards: Any) -> None:
         cfg, env = self.cfg, self.env
-        stats = (self.normalization["mean"], self.normalization["std"])
-        train_set = TrainClips(shards, self.videos.train, cfg.input, cfg.clip_len, cfg.crop, *stats, seed=cfg.seed)
-        val_set = CentreClips(shards, self.videos.test, cfg.input, cfg.clip_len, cfg.crop, *stats)
+        train_set = TrainClips(shards, self.videos.train, cfg.input, cfg.clip_len, cfg.crop, seed=cfg.seed)
+        val_set = CentreClips(shards, self.videos.test, cfg.input, cfg.clip_len, cfg.crop)
         self.sampler = EpochSampler(len(train_set), cfg.seed, env.rank, env.world)
         common = {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "pin_memory": env.device.type == "cuda",
                   "persistent_workers": cfg.workers > 0, "collate_fn": collate_readable,
@@ -419,16 +417,12 @@ class _Run:
         return "label" in batch
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 clips over the bus (pinned, asynchronous), mirrored and normalised there in one pass."""
         device = self.env.device
-        x = batch[self.cfg.input].to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x, batch["label"].to(device, non_blocking=True)
-
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+        clips = batch["clip"].to(device, non_blocking=True)
+        flips = batch["flip"].to(device, non_blocking=True)
+        x = network_input(clips, flips, self.cfg.input, self.mean, self.std)
+        return self.runtime.inputs(x), batch["label"].to(device, non_blocking=True)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -445,13 +439,12 @@ class _Run:
             if not self._skip_unreadable(batch):
                 continue
             x, y = self._to_device(batch)
-            with self._autocast():
+            with self.runtime.autocast():
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            loss.backward()
+            self.optimizer.step()
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -474,7 +467,7 @@ class _Run:
             if not self._skip_unreadable(batch):
                 continue
             x, y = self._to_device(batch)
-            with self._autocast():
+            with self.runtime.autocast():
                 logits = self.eval_model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
@@ -489,7 +482,6 @@ class _Run:
             "model_state": self.net.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
-            "scaler_state": self.scaler.state_dict(),
             "epoch": epoch,
             "config": dataclasses.asdict(self.cfg),
             "normalization": self.normalization,

@@ -5,6 +5,7 @@ the direction a bright square moves, 16x20 frames, clips of 16x16x16 (the smalle
 """
 from __future__ import annotations
 
+import math
 import csv
 import json
 import shutil
@@ -17,9 +18,10 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from model.clips import clip_indices
+from model.clips import clip_indices, network_input
 from model.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from model.data import CentreClips, DataError, TrainClips, View, open_training_shards, split_videos
+from model.runtime import Runtime
 from model.train import TrainConfig, TrainError, init_from_checkpoint, make_config, train, train_splits
 from model import build_model
 from pipeline.store import FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, prepare_output, shard_name
@@ -100,7 +102,7 @@ def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 5 and state["classes"] == ["warm_right", "cool_left"]
     assert state["model_kwargs"] == {"num_classes": 2, "in_channels": 3, "clip": [16, 16, 16],
-                                     "batch_norm": False, "dropout": 0.0}
+                                     "batch_norm": False, "dropout": 0.0, "relu_inside_asym": False}
     assert state["config"]["input"] == "rgb" and state["config"]["crop"] == 16
     assert len(state["normalization"]["mean"]) == 3 and min(state["normalization"]["std"]) > 1
     best = load_checkpoint(run / "best.pt")
@@ -110,8 +112,11 @@ def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
     net = build_model_from_checkpoint(state).eval()
     shard_set = open_training_shards(shards, "rgb")
     train_videos = split_videos(shard_set, 1, "rgb", 0.0).train
-    data = CentreClips(shard_set, train_videos, "rgb", CLIP, 16, **state["normalization"])
-    batch = torch.stack([data[i]["rgb"] for i in range(len(data))])
+    data = CentreClips(shard_set, train_videos, "rgb", CLIP, 16)
+    samples = [data[i] for i in range(len(data))]
+    mean, std = (torch.tensor(state["normalization"][k]) for k in ("mean", "std"))
+    batch = network_input(torch.stack([s["clip"] for s in samples]), torch.tensor([s["flip"] for s in samples]),
+                          "rgb", mean, std)
     with torch.no_grad():
         predicted = net(batch).argmax(1)
     assert predicted.tolist() == [v.label for v in train_videos]
@@ -171,14 +176,17 @@ def test_init_reinitialises_fc8_when_classes_differ(one_epoch_run: Path) -> None
 
 
 def test_flip_negates_u_for_flow_only(shards: Path) -> None:
+    """The worker ships the cropped uint8 clip and the flip flag; the device mirrors (and negates u) and normalises."""
     shard_set = open_training_shards(shards, "flow")
     videos = split_videos(shard_set, 1, "flow", 0.0).train
-    stats = {"mean": [0.0] * 3, "std": [1.0] * 3}  # identity normalisation: samples are the stored values
+    mean, std = torch.zeros(3), torch.ones(3)  # identity normalisation: samples are the stored values
     stored = shard_set.read(videos[0], "flow", index=clip_indices(videos[0].n_frames, 0, CLIP))[:, :, 2:18]
     for modality in ("flow", "rgb"):
-        data = TrainClips(shard_set, videos, modality, CLIP, 16, **stats, seed=0)
-        plain = data.clip(0, View(start=0, top=0, left=2, flip=False))[modality]
-        flipped = data.clip(0, View(start=0, top=0, left=2, flip=True))[modality]
+        data = TrainClips(shard_set, videos, modality, CLIP, 16, seed=0)
+        samples = [data.clip(0, View(start=0, top=0, left=2, flip=flip)) for flip in (False, True)]
+        assert samples[0]["clip"].dtype == torch.uint8 and torch.equal(samples[0]["clip"], samples[1]["clip"])
+        plain, flipped = network_input(torch.stack([s["clip"] for s in samples]),
+                                       torch.tensor([s["flip"] for s in samples]), modality, mean, std)
         if modality == "flow":
             assert torch.equal(plain, torch.from_numpy(stored).permute(3, 0, 1, 2).float())
             assert torch.equal(flipped[0], 255 - plain[0].flip(-1))  # u negated: 127.5 + u -> 127.5 - u
@@ -190,9 +198,8 @@ def test_flip_negates_u_for_flow_only(shards: Path) -> None:
 def test_random_views_are_seeded_and_reach_every_corner(shards: Path) -> None:
     shard_set = open_training_shards(shards, "rgb")
     videos = split_videos(shard_set, 1, "rgb", 0.0).train
-    data = TrainClips(shard_set, videos, "rgb", CLIP, 12, mean=[0] * 3, std=[1] * 3, seed=3)
-    assert data.random_view(5, 2) == TrainClips(shard_set, videos, "rgb", CLIP, 12, mean=[0] * 3, std=[1] * 3,
-                                                seed=3).random_view(5, 2)
+    data = TrainClips(shard_set, videos, "rgb", CLIP, 12, seed=3)
+    assert data.random_view(5, 2) == TrainClips(shard_set, videos, "rgb", CLIP, 12, seed=3).random_view(5, 2)
     views = [data.random_view(epoch, 0) for epoch in range(400)]
     assert {(v.top, v.left) for v in views} >= {(0, 0), (0, 8), (4, 0), (4, 8), (2, 4)}
     assert {v.flip for v in views} == {True, False}
@@ -200,7 +207,8 @@ def test_random_views_are_seeded_and_reach_every_corner(shards: Path) -> None:
     starts = {data.random_view(epoch, long_video).start for epoch in range(200)}
     assert starts == set(range(data.frames(long_video) - CLIP + 1))
     sample = data[(0, 0)]
-    assert sample["rgb"].shape == (3, CLIP, 12, 12) and sample["label"] == videos[0].label
+    assert sample["clip"].shape == (CLIP, 12, 12, 3) and sample["clip"].dtype == torch.uint8
+    assert sample["label"] == videos[0].label and isinstance(sample["flip"], bool)
 
 
 def test_bad_input_errors(shards: Path, tmp_path: Path) -> None:
@@ -297,3 +305,15 @@ def test_unreadable_video_is_skipped_and_counted_up_to_the_cap(shards: Path, tmp
     with pytest.raises(TrainError, match=r"1 videos could not be read \(more than --max-bad-videos 0\).*"
                                          r"shard-00001.h5: video '.*', field 'rgb'"):
         train(config(damaged, tmp_path / "stop", epochs=1, max_bad_videos=0))
+
+
+def test_the_gpu_precision_path_runs_on_the_cpu(shards: Path, tmp_path: Path) -> None:
+    """bf16 autocast + channels_last_3d is what a GPU runs; forcing it here executes that Python in CI."""
+    runtime = Runtime.choose("cpu", "bf16")
+    net = runtime.prepare(build_model("c3d-b5", num_classes=2, clip=(CLIP, 16, 16)))
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in net.parameters() if p.dim() == 5)
+    assert Runtime.choose("cpu").dtype is None  # auto: float32 on a CPU
+    result = train(config(shards, tmp_path / "bf16", epochs=2, precision="bf16"))
+    assert all(math.isfinite(row["train_loss"]) for row in result["history"])
+    state = load_checkpoint(tmp_path / "bf16" / "last.pt")
+    assert state["config"]["precision"] == "bf16" and state["model_state"]["fc8.weight"].dtype == torch.float32

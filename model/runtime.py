@@ -1,0 +1,53 @@
+"""How a network runs on its device: one precision policy and memory format for training and evaluation.
+
+Why one place: training and evaluation must compute alike (a checkpoint evaluated as it was trained), and the GPU
+path (bf16 autocast with channels_last_3d, what cuDNN's fast 3D kernels want) must also run on the CPU in the tests,
+so that CI executes its Python even though it has no GPU (PyTorch autocasts to bf16 on the CPU too).
+
+``precision``: ``auto`` = bf16 on a CUDA device that supports it, float32 elsewhere (on a CPU without bf16 units it
+would only be slower); ``bf16`` or ``fp32`` force one. Softmax, losses and metrics are always taken in float32.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None runs in float32
+
+    @classmethod
+    def choose(cls, device: torch.device | str, precision: str = "auto") -> "Runtime":
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        device = torch.device(device)
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return cls(device, torch.bfloat16 if bf16 else None)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """channels_last_3d with bf16 (the GPU path), contiguous with float32."""
+        return torch.channels_last_3d if self.dtype is not None else torch.contiguous_format
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.dtype is not None else "fp32"
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        return net.to(self.device, memory_format=self.memory_format)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format)
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
