@@ -9,7 +9,8 @@ flow (the first frame warped by a smooth field), each method's EPE against the t
 Rates are given per wall-clock second and per CPU-second of this process (``time.process_time``); on a shared
 machine the second is the steadier comparison (with one thread each, it is the per-core speed).
 
-    python bench/flow_torch_vs_opencv.py                        # CPU, 171x128 and 340x256, 8 pairs per video
+    python bench/flow_torch_vs_opencv.py                        # CPU, 171x128 and 340x256, 8 pairs per video,
+                                                                # eager and compiled solvers side by side
     python bench/flow_torch_vs_opencv.py --device cuda --pairs 240 --batch-size 128 --sizes 171x128
 
 On CUDA the torch time includes the host->device copy and the flow's copy back, after a warm-up call (CUDA context
@@ -30,10 +31,12 @@ import torch
 from pipeline.decode import DecodeConfig, decode_video
 from pipeline.tvl1_torch import TVL1Params, known_flow_pair, tvl1_flow_frames, tvl1_flow_torch
 
-DEFAULT_VIDEOS = [
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / name
-    for name in ("bikes.mp4", "carphone_pristine.mp4")
-]
+# Real action clips: ../shared/data/real_clips when present, else the copies in tests/data (a fresh clone).
+_CLIPS = next((root for root in (Path(__file__).resolve().parents[2] / "shared" / "data" / "real_clips",
+                                 Path(__file__).resolve().parents[1] / "tests" / "data" / "real_clips")
+               if root.is_dir()), Path("real_clips"))
+DEFAULT_VIDEOS = [_CLIPS / "ucf101" / "PushUps" / "v_PushUps_g02_c03.avi",
+                  _CLIPS / "ucf101" / "Basketball" / "v_Basketball_g01_c02.mp4"]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -62,15 +65,20 @@ def bench_video(path: Path, height: int, width: int, args: argparse.Namespace, d
     ref = np.stack([params.to_opencv().calc(a, b, None) for a, b in zip(gray[:-1], gray[1:])])
     opencv_s, opencv_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
-    tvl1_flow_frames(frames[:2], params, device=device)  # warm-up: CUDA context, allocator, kernel caches
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    ours = tvl1_flow_frames(frames, params, device=device, batch_size=args.batch_size)
-    _sync(device)
-    torch_s, torch_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    solvers = {}
+    for solver in args.solvers:
+        # warm-up: CUDA context, allocator, kernel caches, and the compiled solver's compilation
+        tvl1_flow_frames(frames[:3], params, device=device, solver=solver)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        ours = tvl1_flow_frames(frames, params, device=device, batch_size=args.batch_size, solver=solver)
+        _sync(device)
+        torch_s, torch_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        solvers[solver] = {"pps": n_pairs / torch_s, "ratio": opencv_s / torch_s, "cpu_pps": n_pairs / torch_cpu,
+                           "epe_vs_opencv": _epe(ours, ref), "peak_mib": peak_mib}
 
     source, truth = known_flow_pair(gray[0])
     opencv_syn = params.to_opencv().calc(source, gray[0], None)
@@ -82,15 +90,11 @@ def bench_video(path: Path, height: int, width: int, args: argparse.Namespace, d
         "size": f"{width}x{height}",
         "pairs": n_pairs,
         "opencv_pps": n_pairs / opencv_s,
-        "torch_pps": n_pairs / torch_s,
-        "ratio": opencv_s / torch_s,
         "opencv_cpu_pps": n_pairs / opencv_cpu,
-        "torch_cpu_pps": n_pairs / torch_cpu,
         "mean_flow": float(np.linalg.norm(ref, axis=-1).mean()),
-        "epe_vs_opencv": _epe(ours, ref),
         "syn_opencv": _epe(opencv_syn, truth),
         "syn_torch": _epe(torch_syn, truth),
-        "peak_mib": peak_mib,
+        "solvers": solvers,
     }
 
 
@@ -101,6 +105,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="frame pairs per video and size")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--solvers", default="eager,compiled", type=lambda t: t.split(","),
+                        help="torch TV-L1 solvers to time side by side (pipeline.tvl1_torch.SOLVERS)")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch and OpenCV CPU threads (same for both; on a shared machine 1 is fastest and least noisy)",
@@ -116,20 +122,22 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores visible"
     print(f"# {card}; torch {torch.__version__}, OpenCV {cv2.__version__}, "
           f"{args.threads} thread(s), batch {args.batch_size}, device {device}")
-    print("| video | size | pairs | OpenCV CPU pairs/s | torch pairs/s | torch / OpenCV "
+    print("| video | size | pairs | solver | OpenCV CPU pairs/s | torch pairs/s | torch / OpenCV "
           "| pairs per CPU-s OpenCV / torch | mean flow (px) | EPE torch vs OpenCV | synthetic EPE OpenCV "
-          "| synthetic EPE torch | peak GPU MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| synthetic EPE torch (eager) | peak GPU MiB |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for height, width in args.sizes:
         for video in args.videos:
             r = bench_video(video, height, width, args, device)
-            peak = "-" if np.isnan(r["peak_mib"]) else f"{r['peak_mib']:.0f}"
-            print(
-                f"| {r['video']} | {r['size']} | {r['pairs']} | {r['opencv_pps']:.2f} | {r['torch_pps']:.2f} "
-                f"| {r['ratio']:.2f} | {r['opencv_cpu_pps']:.2f} / {r['torch_cpu_pps']:.2f} | {r['mean_flow']:.2f} "
-                f"| {r['epe_vs_opencv']:.3f} | {r['syn_opencv']:.3f} | {r['syn_torch']:.3f} | {peak} |",
-                flush=True,
-            )
+            for solver, t in r["solvers"].items():
+                peak = "-" if np.isnan(t["peak_mib"]) else f"{t['peak_mib']:.0f}"
+                print(
+                    f"| {r['video']} | {r['size']} | {r['pairs']} | {solver} | {r['opencv_pps']:.2f} | "
+                    f"{t['pps']:.2f} | {t['ratio']:.2f} | {r['opencv_cpu_pps']:.2f} / {t['cpu_pps']:.2f} | "
+                    f"{r['mean_flow']:.2f} | {t['epe_vs_opencv']:.3f} | {r['syn_opencv']:.3f} | {r['syn_torch']:.3f} "
+                    f"| {peak} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
