@@ -385,6 +385,9 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
 @click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 autocast with channels_last_3d on a GPU that supports bf16, float32 elsewhere; "
+                   "evaluation follows the run's choice")
 @click.option("--max-missing", type=_Finite(0, 1), default=0.05, show_default=True,
               help="largest fraction of planned videos that may be absent from the shards")
 @click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
@@ -392,7 +395,7 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, init: Path | None, resume: bool,
-              compile_: bool, max_missing: float, max_bad_videos: int) -> None:
+              compile_: bool, precision: str, max_missing: float, max_bad_videos: int) -> None:
     """Train a network on SHARD_DIR (build-rgbf output); checkpoints, metrics.csv and curves.png go to --out.
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
@@ -406,7 +409,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
                       batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
-                      compile=compile_, max_missing=max_missing, max_bad_videos=max_bad_videos)
+                      compile=compile_, precision=precision, max_missing=max_missing, max_bad_videos=max_bad_videos)
     results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
     for result in results if is_main_process() else []:
         click.echo(f"{result['run_dir']}: best {result['best_on']} accuracy {result['best_acc']:.3f} "

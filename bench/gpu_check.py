@@ -26,8 +26,8 @@ Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/rea
     make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the simplejpeg wheel for the device
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
-~5 MiB), command ``make gpu-check GPU_OUT=$OUT`` (all sections: their limits add up to 570 s, more than one call
-of a 15-minute lease should spend; ``GPU_SECTIONS=tvl1,extract`` picks some). Everything else it imports (torch,
+~5 MiB), command ``make gpu-check GPU_OUT=$OUT`` (all sections: their limits add up to 405 s, so timeout_s ~470;
+``GPU_SECTIONS=tvl1,extract`` picks some). Everything else it imports (torch,
 numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the device's image; OpenCV contrib is never
 imported there (its TV-L1 references are computed here).
 
@@ -136,7 +136,7 @@ FULL = Plan(
                                            ("PlayingGuitar", "g16_c02"), ("Punch", "g03_c01"), ("PushUps", "g02_c03"),
                                            ("Shotput", "g05_c02"))],
     extract_solvers=["compiled", "eager"], extract_max_frames=20000,
-    limits={"tvl1": 150, "extract": 70, "train": 170, "steps": 45, "loader": 30, "evaluate": 40, "ddp": 15},
+    limits={"tvl1": 110, "extract": 60, "train": 130, "steps": 40, "loader": 20, "evaluate": 30, "ddp": 15},
 )
 SMOKE = Plan(
     flow_sources={"171x128": [(UCF("PushUps", "g02_c03"), 20, 3)], "340x256": [(TAI_CHI, 40, 2)]},

@@ -276,6 +276,7 @@ def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | s
                       mean=state["normalization"]["mean"], std=state["normalization"]["std"])
     net = model if model is not None else build_model_from_checkpoint(state)
     scored = score_videos(net, views, batch_size=batch_size, device=device, workers=workers,
+                          precision=config.get("precision", "auto"),
                           progress=progress, desc=f"split {split}", feature_layer=feature_layer)
     return SplitResult(split=split, video_ids=[v.video_id for v in videos],
                        labels=np.array([v.label for v in videos], np.int64), scores=scored.scores,
