@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Any, Iterable, Iterator, Protocol
 
 import cv2
@@ -282,10 +283,18 @@ def make_backend(
         if solver not in TORCH_SOLVERS:
             raise ConfigError(f"unknown solver {solver!r}; valid: {', '.join(TORCH_SOLVERS)}")
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return _TorchTVL1(params, device, batch_size, solver)
+        return _TorchTVL1(params, _spread_over_gpus(device), batch_size, solver)
     if resolved == "dis":
         return _Dis()
     return _Farneback()
+
+
+def _spread_over_gpus(device: str) -> str:
+    """``cuda`` on a machine with several GPUs -> ``cuda:N`` picked by this process's id, so that the ``--jobs``
+    worker processes of one node (consecutive ids) spread over its GPUs instead of all taking GPU 0. An explicit
+    ``cuda:N``, or ``CUDA_VISIBLE_DEVICES`` set per worker, decides instead."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    return f"cuda:{os.getpid() % count}" if count > 1 else device
 
 
 def backend_metadata(backend: FlowBackend) -> dict[str, Any]:
