@@ -253,6 +253,28 @@ def _iterate(
     return u_new, error
 
 
+def _scale_start(i1: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A level's fixed inputs and fresh state: I1 stacked with its centred gradient (warped together), a copy of the
+    flow, and the dual variables px, py at zero, as OpenCV starts each scale."""
+    i1x, i1y = _centred_gradient(i1)
+    return torch.stack((i1, i1x, i1y), dim=1), u.clone(), torch.zeros_like(u), torch.zeros_like(u)
+
+
+def _linearise(i0: torch.Tensor, i1_stack: torch.Tensor, u: torch.Tensor,
+               gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One warp's data term: I1 and its gradient remapped by the flow ``u``, linearised around it.
+
+    Returns (step_dir, rho_c, grad): the direction of the data-term step for each flow channel (the illumination
+    channel's "gradient" is gamma), the constant part of the residual and the squared gradient norm.
+    """
+    warped = _warp_bicubic(i1_stack, u[:, :2])
+    i1w, i1wx, i1wy = warped[:, 0], warped[:, 1], warped[:, 2]
+    grad = i1wx * i1wx + i1wy * i1wy
+    rho_c = i1w - i1wx * u[:, 0] - i1wy * u[:, 1] - i0
+    step_dir = torch.cat((warped[:, 1:], torch.full_like(u[:, 2:], gamma)), dim=1)
+    return step_dir, rho_c, grad
+
+
 def _solve_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TVL1Params) -> torch.Tensor:
     """OpenCV's procOneScale for a batch: refine flow ``u`` (B, C, H, W) between i0 and i1 (B, H, W) at one level.
 
@@ -264,20 +286,10 @@ def _solve_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TV
     """
     batch, _, height, width = u.shape
     scaled_epsilon = float(np.float32(params.epsilon * params.epsilon * height * width))
-    i1x, i1y = _centred_gradient(i1)
-    i1_stack = torch.stack((i1, i1x, i1y), dim=1)
-    u = u.clone()
-    px = torch.zeros_like(u)
-    py = torch.zeros_like(u)
+    i1_stack, u, px, py = _scale_start(i1, u)
 
     for _ in range(params.warps):
-        warped = _warp_bicubic(i1_stack, u[:, :2])
-        i1w, i1wx, i1wy = warped[:, 0], warped[:, 1], warped[:, 2]
-        grad = i1wx * i1wx + i1wy * i1wy
-        rho_c = i1w - i1wx * u[:, 0] - i1wy * u[:, 1] - i0
-        # Direction of the data-term step for each flow channel; the illumination channel's "gradient" is gamma.
-        step_dir = torch.cat((warped[:, 1:], torch.full_like(u[:, 2:], params.gamma)), dim=1)
-
+        step_dir, rho_c, grad = _linearise(i0, i1_stack, u, params.gamma)
         live = torch.arange(batch, device=u.device)  # samples whose error is still above scaled_epsilon
         w_u, w_px, w_py, w_dir, w_rho, w_grad = u, px, py, step_dir, rho_c, grad
         for _outer in range(params.outerIterations):
@@ -402,17 +414,9 @@ def _solve_scale_fused(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, para
     scaled_epsilon = float(np.float32(params.epsilon * params.epsilon * height * width))
     l_t, taut = params.lambda_ * params.theta, params.tau / params.theta
     network = _median_network(params.medianFiltering ** 2)
-    i1x, i1y = _centred_gradient(i1)
-    i1_stack = torch.stack((i1, i1x, i1y), dim=1)
-    u = u.clone()
-    px = torch.zeros_like(u)
-    py = torch.zeros_like(u)
+    i1_stack, u, px, py = _scale_start(i1, u)
     for _ in range(params.warps):
-        warped = _warp_bicubic(i1_stack, u[:, :2])
-        i1w, i1wx, i1wy = warped[:, 0], warped[:, 1], warped[:, 2]
-        grad = i1wx * i1wx + i1wy * i1wy
-        rho_c = i1w - i1wx * u[:, 0] - i1wy * u[:, 1] - i0
-        step_dir = torch.cat((warped[:, 1:], torch.full_like(u[:, 2:], params.gamma)), dim=1)
+        step_dir, rho_c, grad = _linearise(i0, i1_stack, u, params.gamma)
         rows = torch.arange(batch, device=u.device)  # the working batch's samples in the full batch
         live = torch.ones(batch, dtype=torch.bool, device=u.device)
         work = [u, px, py, step_dir, rho_c, grad]
