@@ -400,7 +400,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
     """
-    from model.evaluate import parse_splits
+    from model.results import parse_splits
     from model.train import is_main_process, make_config, train, train_splits
 
     if clip[1] != clip[2]:
@@ -448,7 +448,8 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     """
     import json
 
-    from model.evaluate import evaluate_run, parse_splits
+    from model.evaluate import evaluate_run
+    from model.results import parse_splits
     from model.fusion import fuse_runs, parse_weights
     from pipeline.devices import check_device
 

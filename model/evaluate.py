@@ -1,4 +1,5 @@
-"""The paper's test protocol (§4.3), its metrics and the reports of ``asym3d evaluate``.
+"""The paper's test protocol (§4.3) and ``asym3d evaluate``'s run over splits (metrics: :mod:`model.results`; report
+files: :mod:`model.reports`).
 
 Protocol: each test video gives ``clips`` (25) 16-frame clips at equal intervals; each clip gives ``crops`` (10)
 112x112 views -- centre and four corners, each also mirrored (flow images mirrored with u negated) -- and the video's
@@ -6,19 +7,12 @@ score is the mean of the 250 views' softmax scores. Sampling, crops and flips co
 the trainer uses, so training and test views cannot drift apart.
 
 Memory is bounded whatever the video length: a dataset item is one clip of one video (its ``clip_len`` frames read
-with ``ShardSet.read(index=...)``) expanded into its crop views, so at most ``batch_size`` views and a few clips per
-loader worker are held at a time; scores are accumulated per video as the batches go by.
-
-Metrics per split (video level): top-1, top-5 and mean class accuracy (the mean of per-class recalls, which weighs
-small classes as much as large ones); over splits: the mean and the population standard deviation (ddof=0, so one
-split has spread 0). Reports: a markdown table and JSON, and per split a per-class accuracy CSV, a confusion-matrix
-PNG and ``scores_split{N}.npz`` (video ids, labels, scores, classes) that :mod:`model.fusion` fuses later.
+with ``ShardSet.read(index=...)``), expanded into its crop views on the network's device, so at most ``batch_size``
+views and a few clips per loader worker are held at a time; scores are accumulated per video as the batches go by.
 """
 from __future__ import annotations
 
-import csv
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,108 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.devices import check_device
-from pipeline.errors import Asym3dError, ConfigError
-from pipeline.lock import DirectoryLock
-from pipeline.store import ShardSet, StoreError, VideoEntry, atomic_output, read_json, write_text_atomic
+from pipeline.errors import ConfigError
+from pipeline.store import ShardSet, StoreError, VideoEntry
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from .clips import clip_indices, crop_positions, evenly_spaced_starts, test_views
+from .reports import write_reports
+from .results import EvaluationError, SplitResult
 from .runtime import Runtime
 
 CROP_CHOICES = (1, 10)
-METRICS = ("top1", "top5", "mean_class")
-METRIC_TITLES = {"top1": "top-1", "top5": "top-5", "mean_class": "mean class acc."}
-
-
-class EvaluationError(Asym3dError):
-    """An evaluation that cannot run: missing checkpoint, shards without the split's test videos, class mismatch."""
-
-
-@dataclass
-class SplitResult:
-    """Per-video scores of one split and where they came from.
-
-    ``scores`` is ``(videos, classes)``: the mean softmax over each video's views. ``views`` counts the views each
-    video's score averages (clips x crops). ``absent`` lists planned videos the shards lack (failed or unfinished):
-    their split membership is not stored, so they are reported, not counted as errors.
-    """
-
-    split: int
-    video_ids: list[str]
-    labels: np.ndarray  # (N,) int64
-    scores: np.ndarray  # (N, K) float32
-    classes: list[str]
-    views: np.ndarray  # (N,) int64
-    source: dict[str, Any] = field(default_factory=dict)  # checkpoint, model, input, shards or fused runs
-    absent: list[str] = field(default_factory=list)
-    features: np.ndarray | None = None  # (N, D) per-video mean of a layer's activations, when asked for
-
-    def metrics(self) -> dict[str, float]:
-        return video_metrics(self.scores, self.labels)
-
-
-# ---------------------------------------------------------------------------------------------------- metrics
-
-
-def video_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1, top-5 (top-K when there are fewer than 5 classes) and mean class accuracy, as fractions in [0, 1].
-
-    Mean class accuracy averages the recall of the classes that have test videos; classes without any are left out
-    rather than counted as 0.
-    """
-    scores = np.asarray(scores)
-    labels = np.asarray(labels)
-    if scores.ndim != 2 or len(scores) != len(labels) or len(labels) == 0:
-        raise ValueError(f"need scores (N, K) and labels (N,) with N > 0, got {scores.shape} and {labels.shape}")
-    k = min(5, scores.shape[1])
-    # stable sort on -scores: ties resolve to the lower class index, as argmax does
-    topk = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    top1 = topk[:, 0] == labels
-    recalls = [top1[labels == c].mean() for c in np.unique(labels)]
-    return {"top1": float(top1.mean()), "top5": float((topk == labels[:, None]).any(axis=1).mean()),
-            "mean_class": float(np.mean(recalls))}
-
-
-def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(K, K)`` counts: row = true class, column = predicted class (argmax of the scores)."""
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(scores).argmax(axis=1)), 1)
-    return matrix
-
-
-def summarize(results: Sequence[SplitResult]) -> dict[str, Any]:
-    """Per-split metrics and their mean and population std over the splits (the JSON report's body)."""
-    per_split = {}
-    for r in results:
-        per_split[str(r.split)] = {**r.metrics(), "videos": len(r.video_ids),
-                                   "views_per_video": _views_summary(r.views), "absent": len(r.absent),
-                                   "source": r.source}
-    table = np.array([[per_split[str(r.split)][m] for m in METRICS] for r in results])
-    return {"splits": per_split,
-            "mean": dict(zip(METRICS, map(float, table.mean(axis=0)))),
-            "std": dict(zip(METRICS, map(float, table.std(axis=0))))}
-
-
-def _views_summary(views: np.ndarray) -> int | list[int]:
-    uniq = np.unique(views)
-    return int(uniq[0]) if len(uniq) == 1 else [int(u) for u in uniq]
-
-
-def markdown_table(summary: dict[str, Any], title: str = "") -> str:
-    """The report as a markdown table: one row per split, then the mean and the spread (percent)."""
-    header = "| split | videos | views/video | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
-    lines = [f"**{title}**", ""] if title else []
-    lines += [header, "|" + "---|" * (3 + len(METRICS))]
-    for split, row in summary["splits"].items():
-        cells = " | ".join(f"{100 * row[m]:.2f}" for m in METRICS)
-        lines.append(f"| {split} | {row['videos']} | {row['views_per_video']} | {cells} |")
-    mean = " | ".join(f"{100 * summary['mean'][m]:.2f} ± {100 * summary['std'][m]:.2f}" for m in METRICS)
-    lines.append(f"| mean ± std | | | {mean} |")
-    absent = {s: row["absent"] for s, row in summary["splits"].items() if row["absent"]}
-    if absent:
-        lines += ["", "Videos planned but absent from the shards (failed or unfinished; their split is unknown): "
-                  + ", ".join(f"split {s}: {n}" for s, n in absent.items())]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- protocol
@@ -346,129 +248,4 @@ def evaluate_run(run_dir: Path, splits: Sequence[int], *, checkpoints: Sequence[
                 "shards": str(shard_dir) if shard_dir else None}
     return write_reports(results, out or run_dir / "eval", title=str(run_dir), identity=identity)
 
-
-# ---------------------------------------------------------------------------------------------------- reports
-
-
-def write_reports(results: Sequence[SplitResult], out: Path, title: str = "",
-                  identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``scores_split{N}.npz``, ``per_class_split{N}.csv``, ``confusion_split{N}.png`` (and
-    ``features_split{N}.npz`` when features were kept), ``results.json`` and ``results.md`` into ``out``.
-
-    ``identity`` (the splits, checkpoint choices and protocol that made the report) is stored in results.json; a
-    report of another identity already in ``out`` is refused, never silently replaced (its score files would be
-    left beside the new ones). ``out`` is locked while it is written (:mod:`pipeline.lock`).
-    Returns the summary (see :func:`summarize`) with the markdown table under "table" and ``out``."""
-    with DirectoryLock(out):
-        _check_report_identity(out, identity)
-        for r in results:
-            save_scores(r, out / f"scores_split{r.split}.npz")
-            write_per_class_csv(r, out / f"per_class_split{r.split}.csv")
-            plot_confusion(r, out / f"confusion_split{r.split}.png")
-            if r.features is not None:
-                save_features(r, out / f"features_split{r.split}.npz")
-        summary = summarize(results)
-        summary["title"] = title
-        summary["identity"] = identity
-        table = markdown_table(summary, title)
-        write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
-        write_text_atomic(out / "results.md", table + "\n")
-    return {**summary, "table": table, "out": str(out)}
-
-
-def _check_report_identity(out: Path, identity: dict[str, Any] | None) -> None:
-    path = out / "results.json"
-    if not path.exists():
-        return
-    try:
-        old = read_json(path).get("identity")
-    except (StoreError, AttributeError):
-        old = "unreadable"
-    if old != json.loads(json.dumps(identity)):
-        raise EvaluationError(f"{path}: holds a report of {old}, not {identity}; refusing to replace it (pass "
-                              "another --out, or delete that directory)")
-
-
-def _save_npz(result: SplitResult, path: Path, **arrays: np.ndarray) -> None:
-    """``arrays`` plus the video ids, labels, classes, split and checkpoint choice, as plain arrays (loadable without
-    pickle)."""
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, video_ids=np.array(result.video_ids, dtype=str), labels=result.labels,
-                 classes=np.array(result.classes, dtype=str), split=np.int64(result.split),
-                 choice=np.array(str(result.source.get("choice", ""))), **arrays)
-
-
-def save_scores(result: SplitResult, path: Path) -> None:
-    """Per-video mean softmax scores ``(N, K)`` and view counts, for reports and later fusion."""
-    _save_npz(result, path, scores=result.scores.astype(np.float32), views=result.views)
-
-
-def save_features(result: SplitResult, path: Path) -> None:
-    """Per-video mean features ``(N, D)`` of the layer asked for, for a linear classifier (C3D's net + SVM)."""
-    _save_npz(result, path, features=result.features)
-
-
-def load_scores(path: Path) -> SplitResult:
-    """A ``scores_split{N}.npz`` back as a :class:`SplitResult` (allow_pickle=False: score files stay data)."""
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no saved scores (run asym3d evaluate on that run first)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return SplitResult(split=int(data["split"]), video_ids=[str(v) for v in data["video_ids"]],
-                               labels=data["labels"].astype(np.int64), scores=data["scores"],
-                               classes=[str(c) for c in data["classes"]], views=data["views"],
-                               source={"scores": str(path),
-                                       "choice": str(data["choice"]) if "choice" in data.files else ""})
-    except (KeyError, ValueError, OSError) as err:
-        raise EvaluationError(f"{path}: not a scores file ({err})") from err
-
-
-def write_per_class_csv(result: SplitResult, path: Path) -> None:
-    """One row per class: index, name, test videos, correct (top-1), accuracy (empty when it has no videos)."""
-    predicted = result.scores.argmax(axis=1)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class_index", "class", "videos", "correct", "accuracy"])
-        for c, name in enumerate(result.classes):
-            mine = result.labels == c
-            n, correct = int(mine.sum()), int((predicted[mine] == c).sum())
-            writer.writerow([c, name, n, correct, f"{correct / n:.4f}" if n else ""])
-
-
-def plot_confusion(result: SplitResult, path: Path) -> None:
-    """Confusion matrix as a PNG, rows normalised to recall so large and small classes read alike."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    k = len(result.classes)
-    matrix = confusion_matrix(result.scores, result.labels, k).astype(np.float64)
-    rows = matrix.sum(axis=1, keepdims=True)
-    recall = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    side = min(4 + 0.12 * k, 24)
-    fig, ax = plt.subplots(figsize=(side, side))
-    image = ax.imshow(recall, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"split {result.split}: top-1 {100 * result.metrics()['top1']:.1f}%")
-    if k <= 30:  # names are unreadable beyond that; indices match the per-class CSV
-        ax.set_xticks(range(k), result.classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), result.classes, fontsize=7)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def parse_splits(text: str) -> list[int]:
-    """``"1,2,3"`` -> ``[1, 2, 3]``; ConfigError on anything else."""
-    try:
-        splits = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"splits must be comma-separated integers, got {text!r}") from None
-    if not splits or len(set(splits)) != len(splits) or min(splits) < 1:
-        raise ConfigError(f"splits must be distinct positive integers, got {text!r}")
-    return splits
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 
-from .evaluate import EvaluationError, SplitResult, load_scores, write_reports
+from .reports import load_scores, write_reports
+from .results import EvaluationError, SplitResult
 
 
 def fuse_results(results: Sequence[SplitResult], weights: Sequence[float] | None = None) -> SplitResult:
@@ -75,7 +76,7 @@ def fuse_runs(run_dirs: Sequence[Path], splits: Sequence[int], *, weights: Seque
     """``asym3d evaluate --fuse RUN_A RUN_B``: fuse each split's saved scores and write the usual reports.
 
     Scores are read from ``RUN/eval/scores_split{N}.npz``; reports go to ``out`` (default
-    ``RUN_A/eval/fused_<A>+<B>``). Returns the summary (see :func:`model.evaluate.summarize`).
+    ``RUN_A/eval/fused_<A>+<B>``). Returns the summary (see :func:`model.results.summarize`).
     """
     fused = [fuse_results([load_scores(Path(run) / "eval" / f"scores_split{split}.npz") for run in run_dirs],
                           weights) for split in splits]

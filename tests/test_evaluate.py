@@ -18,16 +18,9 @@ from click.testing import CliRunner
 from cli import main
 from model import build_model
 from model.checkpoint import build_model_from_checkpoint, save_checkpoint
-from model.evaluate import (
-    EvaluationError,
-    SplitResult,
-    confusion_matrix,
-    evaluate_split,
-    load_scores,
-    save_scores,
-    video_metrics,
-    write_reports,
-)
+from model.evaluate import evaluate_split
+from model.reports import load_scores, save_scores, write_reports
+from model.results import EvaluationError, SplitResult, confusion_matrix, video_metrics
 from model.fusion import fuse_results, parse_weights
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
 
