@@ -225,6 +225,11 @@ class _TorchTVL1:
     name, is_tvl1, algorithm = "torch", True, "tvl1"
 
     def __init__(self, params: TVL1Params, device: str, batch_size: int | None, solver: str) -> None:
+        if torch.device(device).type == "cpu":
+            # One intra-op thread per worker process: the solver's many small ops lose more to OpenMP's hand-offs
+            # than they gain (measured ~30x slower per op with 2 threads on a loaded 2-core machine); the CPU is
+            # used in parallel through --jobs processes instead.
+            torch.set_num_threads(1)
         self.settings = dataclasses.asdict(params)
         self.device = device
         self.batch_size = batch_size
