@@ -146,3 +146,21 @@ def test_retry_failed_and_repair_work_without_the_flow_shards(tmp_path: Path) ->
     assert "repaired" in repaired.output and (train / "shard-00000.h5.damaged").exists()
     assert {n for n, s in _stamps(train).items() if stamps[n] != s} == {"shard-00000.h5"}
     assert CliRunner().invoke(main, ["inspect", str(train), "--verify"]).exit_code == 0
+
+
+def test_disk_peak_bench_runs_at_a_tiny_size(capsys) -> None:
+    """bench/disk_peak.py on the repository's real clips, 4 frames each, DIS flow: both paths and the table."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import disk_peak
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    disk_peak.main(["--clips", str(REPO / "tests" / "data" / "real_clips"), "--max-frames", "4", "--backend", "dis",
+                    "--float-clips", "1"])
+    out = capsys.readouterr().out
+    assert "identical frame for frame: yes" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert float(rows["extract-flow --train-dir"][0].split()[0]) == 0  # no flow shard left behind
+    peak = {name: float(rows[name][2].split()[0]) for name in ("two stages", "extract-flow --train-dir")}
+    assert peak["extract-flow --train-dir"] < peak["two stages"]
+    assert set(disk_peak.COMPACT) <= set(rows)
