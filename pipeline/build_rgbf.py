@@ -119,8 +119,8 @@ class FollowOn:
     """``extract-flow --train-dir``: build each training shard as soon as its flow shard is complete (issue 17).
 
     Without ``keep_flow`` the flow shard is deleted once its training shard is complete, so the disk holds the
-    training shards plus only the flow shards in flight (one per worker) instead of every flow shard (~6x the
-    training shards). The training shards are the ones build-rgbf writes from the same flow shards, byte for byte.
+    training shards plus only the flow shards in flight (one per worker) instead of every flow shard (~7x the
+    training shards). The training shards are the ones build-rgbf writes from the same flow shards, frame for frame.
     """
 
     out_dir: Path
