@@ -150,6 +150,32 @@ def _echo_repaired(damage) -> None:
         click.echo(f"repaired {shard} (was: {'; '.join(str(d) for d in damage if d.shard == shard)})", err=True)
 
 
+_BUILD_OPTIONS = ("modalities", "storage", "jpeg_quality", "flow_bound")
+
+
+def _build_options(func):
+    """What build-rgbf writes; shared with extract-flow --train-dir, which builds the same training shards."""
+    for option in reversed([
+        click.option("--modalities", default="rgb,flow,rgbf", show_default=True,
+                     help="comma-separated: rgb, flow (flow image u,v,|F|), rgbf (RGB x normalised |F|, paper eq. 7)"),
+        click.option("--storage", type=click.Choice(["jpeg", "lzf", "gzip", "raw"]), default="jpeg",
+                     show_default=True, help="jpeg: ~0.08x raw size, lossy; lzf/gzip/raw: lossless uint8 (see "
+                                             "BENCHMARKS.md)"),
+        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True),
+        click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=20.0, show_default=True,
+                     help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)"),
+    ]):
+        func = option(func)
+    return func
+
+
+def _build_config(modalities: str, storage: str, jpeg_quality: int, flow_bound: float):
+    from pipeline.build_rgbf import BuildConfig
+
+    return BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
+                       jpeg_quality=jpeg_quality, flow_bound=flow_bound)
+
+
 # TV-L1 options: OpenCV's parameter names and defaults, recorded in the output schema.
 _TVL1_OPTIONS = [
     ("--tau", "tau", float, "time step of the numerical scheme"),
@@ -218,21 +244,39 @@ def _tvl1_options(func):
 @click.option("--retry-failed", is_flag=True, help="retry videos recorded as failed (their shards are rewritten)")
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
-def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_file, categories_file, keep_file,
-                     classes, max_missing, max_failures, size, fps, max_frames, timeout, backend, device, batch_size,
-                     solver, videos_per_shard, jobs, scheduler, retry_failed, repair, overwrite, **tvl1) -> None:
+@click.option("--train-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="also build the training shards (as build-rgbf does, with the options below) into this directory, "
+                   "each as soon as its flow shard is complete, and delete the flow shard then: peak disk ~ the "
+                   "training shards, not 6x them")
+@click.option("--keep-flow", is_flag=True, help="with --train-dir: keep the flow shards")
+@_build_options
+@click.pass_context
+def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, splits_dir, labels_file,
+                     categories_file, keep_file, classes, max_missing, max_failures, size, fps, max_frames, timeout,
+                     backend, device, batch_size, solver, videos_per_shard, jobs, scheduler, retry_failed, repair,
+                     overwrite, train_dir, keep_flow, modalities, storage, jpeg_quality, flow_bound, **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
     video missing on disk is skipped with a warning (an error if more than --max-missing of a split is missing).
     Bad videos (corrupt, truncated, empty, not a video, a backend error) are recorded as failures and the rest goes
     on, up to --max-failures; the exit status is 1 when any video failed. A rerun skips complete shards.
+
+    With --train-dir, the training shards are built in the same run (a rerun needs the same --train-dir); with
+    the flow shards deleted, rebuilding the training shards with other options means computing the flow again.
     """
     from pipeline.datasets import index_dataset
     from pipeline.decode import DecodeConfig
     from pipeline.extract import ExtractConfig, extract_flow
+    from pipeline.build_rgbf import FollowOn
     from pipeline.tvl1_params import TVL1Params
 
+    given = [name for name in (*_BUILD_OPTIONS, "keep_flow")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given and train_dir is None:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} needs --train-dir")
+    train = None if train_dir is None else FollowOn(
+        train_dir, _build_config(modalities, storage, jpeg_quality, flow_bound), keep_flow)
     cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
                                             timeout_s=timeout),
                         backend=backend, tvl1=TVL1Params(**tvl1), device=device, batch_size=batch_size,
@@ -250,11 +294,13 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
                f"{f' (of {of})' if of else ''}{f'; {missing}' if missing else ''}; flow backend: {cfg.backend}",
                err=True)
     summary = extract_flow(index, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite,
-                           retry_failed=retry_failed, repair=repair, max_failures=max_failures)
+                           retry_failed=retry_failed, repair=repair, max_failures=max_failures, train=train)
     for warning in summary.warnings:
         click.echo(f"warning: {warning}", err=True)
     _echo_repaired(summary.repaired)
-    click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
+    written = summary.out_dir if train is None else (
+        f"{train.out_dir} (flow shards {'kept in' if keep_flow else 'deleted from'} {summary.out_dir})")
+    click.echo(f"{written}: {summary.videos_ok} videos ok, {len(summary.failures)} failed, "
                f"{summary.shards_skipped}/{summary.shards_total} shards already complete, "
                f"{summary.frames_decoded} frames decoded this run; flow by {summary.backend}")
     _echo_failures(summary.failures)
@@ -265,13 +311,7 @@ def extract_flow_cmd(root: Path, out_dir: Path, kind: str, splits_dir, labels_fi
 @main.command("build-rgbf")
 @click.argument("flow_dir", type=_existing_path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--modalities", default="rgb,flow,rgbf", show_default=True,
-              help="comma-separated: rgb, flow (flow image u,v,|F|), rgbf (RGB x normalised |F|, paper eq. 7)")
-@click.option("--storage", type=click.Choice(["jpeg", "lzf", "gzip", "raw"]), default="jpeg", show_default=True,
-              help="jpeg: ~0.08x raw size, lossy; lzf/gzip/raw: lossless uint8 (see BENCHMARKS.md)")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
-@click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=20.0, show_default=True,
-              help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)")
+@_build_options
 @_runner_options
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
@@ -282,10 +322,9 @@ def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str,
     One output shard per input shard (same videos, labels, splits); the input's failures are carried over. A rerun
     skips complete shards. Exit status 1 when any video failed or some input shards are not written yet.
     """
-    from pipeline.build_rgbf import BuildConfig, build_rgbf
+    from pipeline.build_rgbf import build_rgbf
 
-    cfg = BuildConfig(modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), storage=storage,
-                      jpeg_quality=jpeg_quality, flow_bound=flow_bound)
+    cfg = _build_config(modalities, storage, jpeg_quality, flow_bound)
     _check_runner(jobs, scheduler)
     summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair)
     _echo_repaired(summary.repaired)

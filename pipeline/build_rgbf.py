@@ -29,7 +29,7 @@ from pipeline.lock import DirectoryLock
 from pipeline.runner import run_tasks
 from pipeline.store import (DamagedError, FieldSpec, Schema, ShardSet, ShardWriter, StoreError, VideoEntry, VideoMeta,
                             decode_field, library_versions, open_shard, os_reason, prepare_output, read_checked,
-                            shard_name, write_manifest)
+                            shard_name, video_entries, write_manifest)
 from pipeline.verify import Damage, set_aside_damaged
 
 STORAGE = {  # --storage name -> FieldSpec arguments (quality is filled in for JPEG)
@@ -114,6 +114,31 @@ class ShardTask:
     flow_bound: float
 
 
+@dataclass(frozen=True)
+class FollowOn:
+    """``extract-flow --train-dir``: build each training shard as soon as its flow shard is complete (issue 17).
+
+    Without ``keep_flow`` the flow shard is deleted once its training shard is complete, so the disk holds the
+    training shards plus only the flow shards in flight (one per worker) instead of every flow shard (~7x the
+    training shards). The training shards are the ones build-rgbf writes from the same flow shards, frame for frame.
+    """
+
+    out_dir: Path
+    cfg: BuildConfig = BuildConfig()
+    keep_flow: bool = False
+
+
+def shard_task(flow_shard: Path, out_dir: Path, index: int, source_schema: Schema, cfg: BuildConfig) -> ShardTask:
+    """The task that builds ``out_dir``'s shard from one complete flow shard (its videos read from the shard)."""
+    with open_shard(flow_shard) as f:
+        try:
+            videos = tuple(video_entries(f, flow_shard.name))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise DamagedError(f"{flow_shard}: damaged shard ({os_reason(exc)}); rerun with --repair") from None
+    return ShardTask(str(flow_shard), str(Path(out_dir) / flow_shard.name), index, videos, source_schema,
+                     train_schema(source_schema, cfg), cfg.flow_bound)
+
+
 @dataclass
 class ShardResult:
     shard: str
@@ -169,18 +194,18 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
     source.close()
     _check_source(flow_dir, source)
     schema = train_schema(source.schema, cfg)
-    prepare_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite,
-                   recorded={"libraries": library_versions()})
-    repaired = set_aside_damaged(out_dir) if repair else []
+    repaired = prepare_train_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite, repair=repair)
     by_shard: dict[str, list[VideoEntry]] = {name: [] for name in source.complete_shards}
     for video in source.videos:
         by_shard[video.shard].append(video)
     tasks, waiting, skipped = [], [], 0
     for index in range(len(source.plan)):
         name = shard_name(index)
-        if name not in by_shard:
+        if name not in by_shard and (out_dir / name).exists():  # built by extract-flow --train-dir, input deleted
+            skipped += 1
+        elif name not in by_shard:
             waiting.append(name)
-        elif _up_to_date(flow_dir / name, out_dir / name):
+        elif up_to_date(flow_dir / name, out_dir / name):
             skipped += 1
         else:
             tasks.append(ShardTask(str(flow_dir / name), str(out_dir / name), index, tuple(by_shard[name]),
@@ -188,7 +213,15 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
     return tasks, waiting, skipped, repaired
 
 
-def _up_to_date(source: Path, output: Path) -> bool:
+def prepare_train_output(out_dir: Path, schema: Schema, dataset: dict[str, Any], plan: list[list[str]], *,
+                         overwrite: bool, repair: bool) -> list[Damage]:
+    """Declare ``out_dir`` (refusing another configuration, see :func:`pipeline.store.prepare_output`); with
+    ``repair``, set its damaged shards aside so they are rebuilt. The caller holds the directory's lock."""
+    prepare_output(out_dir, schema, dataset, plan, overwrite=overwrite, recorded={"libraries": library_versions()})
+    return set_aside_damaged(out_dir) if repair else []
+
+
+def up_to_date(source: Path, output: Path) -> bool:
     """Whether ``output`` is complete and newer than its input shard. An input shard rewritten after the output was
     built (``extract-flow --retry-failed`` recovering videos) makes the output stale, and it is rebuilt."""
     return output.exists() and output.stat().st_mtime_ns >= source.stat().st_mtime_ns
@@ -229,7 +262,7 @@ def process_shard(task: ShardTask) -> ShardResult:
     """
     output = Path(task.output)
     result = ShardResult(output.name)
-    if _up_to_date(Path(task.source), output):  # finished by an earlier run or a retried task
+    if up_to_date(Path(task.source), output):  # finished by an earlier run or a retried task
         result.skipped = True
         return result
     recorded = {"libraries": library_versions()}

@@ -9,6 +9,11 @@ Any exception while one video is decoded or its flow computed fails that video, 
 on: up to ``max_failures`` videos (a count, or a fraction of the run's videos), after which the run stops with
 :class:`TooManyFailures`; the finished shards are kept for a rerun.
 
+With ``train`` (``extract-flow --train-dir TRAIN_DIR``) each shard's training shard is built by the same worker as
+soon as its flow shard is complete, and the flow shard is then deleted (unless ``keep_flow``): the peak disk is the
+training shards plus the flow shards in flight, not every flow shard (BENCHMARKS.md, issue 17). Both directories are
+declared, locked and resumed as the two stages do them one after the other.
+
 The schema (the output's identity) holds the decoding and the flow algorithm with its parameters; the backend,
 device, batch size, timeout and library versions are recorded beside it, so ``--retry-failed --timeout 60`` or a
 rerun after a library upgrade continues the same output.
@@ -16,6 +21,7 @@ rerun after a library upgrade continues the same output.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +33,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from pipeline.build_rgbf import FollowOn, prepare_train_output, shard_task, train_schema, up_to_date
+from pipeline.build_rgbf import process_shard as build_shard
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
 from pipeline.errors import Asym3dError, ConfigError
@@ -34,7 +42,7 @@ from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_ba
 from pipeline.lock import DirectoryLock
 from pipeline.runner import run_tasks
 from pipeline.store import (DamagedError, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
-                            open_shard, prepare_output, shard_name, write_manifest)
+                            open_shard, os_reason, prepare_output, shard_name, write_manifest)
 from pipeline.verify import Damage, set_aside_damaged
 from pipeline.tvl1_params import TVL1Params
 
@@ -170,6 +178,55 @@ def process_shard(task: ShardTask) -> ShardResult:
     return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False, ran=_ran(backend))
 
 
+@dataclass(frozen=True)
+class ChainedTask:
+    """One shard of ``extract-flow --train-dir``: its flow shard, then the training shard made from it."""
+
+    flow: ShardTask
+    train: FollowOn
+
+
+def process_chained(task: ChainedTask) -> ShardResult:
+    """Flow shard, then its training shard (what build-rgbf would write), then, unless ``keep_flow``, the flow shard
+    deleted: the disk holds the training shards and only the flow shards in flight.
+
+    Each step leaves a complete file or none, in this order, so a kill at any point loses at most this shard's work:
+    a rerun finds the flow shard (and builds from it), the training shard (and deletes the flow shard left behind) or
+    neither (and starts over). Under ``retry_failed`` a training shard that recorded failures is redone; its flow
+    shard, if it was deleted, is recomputed whole (the good videos' flow is not kept anywhere else).
+    """
+    flow_path = task.flow.out_dir / shard_name(task.flow.index)
+    train_path = Path(task.train.out_dir) / flow_path.name
+    if train_path.exists() and (not flow_path.exists() or up_to_date(flow_path, train_path)):
+        done = _shard_result(train_path, task.flow.index)
+        if not (task.flow.retry_failed and done.failures):
+            _drop_flow(flow_path, task.train)
+            return done
+    flow = process_shard(task.flow)
+    built = build_shard(shard_task(flow_path, task.train.out_dir, task.flow.index, task.flow.schema, task.train.cfg))
+    result = _shard_result(train_path, task.flow.index)
+    _drop_flow(flow_path, task.train)
+    return dataclasses.replace(result, frames=flow.frames, skipped=flow.skipped and built.skipped, ran=flow.ran)
+
+
+def _shard_result(path: Path, index: int) -> ShardResult:
+    """A complete shard's videos and failures (a training shard's failures include its flow shard's)."""
+    with open_shard(path) as f:
+        try:
+            return _existing_result(index, f)
+        except (OSError, KeyError, ValueError) as exc:
+            raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
+
+
+def _drop_flow(flow_path: Path, train: FollowOn) -> None:
+    """Delete a flow shard whose training shard is complete, unless asked to keep it."""
+    if not train.keep_flow:
+        try:
+            flow_path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{flow_path}: cannot delete ({os_reason(exc)})") from None
+
+
 def _ran(backend) -> str:
     """What computed a shard, for the summary: e.g. "torch on cuda:0 (compiled)" or "cpu"."""
     solver = getattr(backend, "solver", None)
@@ -235,6 +292,7 @@ class ExtractSummary:
     frames_decoded: int
     warnings: tuple[str, ...] = ()  # e.g. library versions changed since the earlier run into out_dir
     repaired: tuple[Damage, ...] = ()  # damage found by --repair in shards that were then recomputed
+    train: FollowOn | None = None  # --train-dir: where the training shards were built
 
 
 def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple[VideoRecord, ...]]:
@@ -248,13 +306,15 @@ def plan_shards(records: list[VideoRecord], videos_per_shard: int) -> list[tuple
 def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs: int = 1,
                  scheduler: str | None = None, overwrite: bool = False, retry_failed: bool = False,
                  repair: bool = False, progress: bool = True,
-                 max_failures: int | float = DEFAULT_MAX_FAILURES) -> ExtractSummary:
+                 max_failures: int | float = DEFAULT_MAX_FAILURES,
+                 train: FollowOn | None = None) -> ExtractSummary:
     """Run the stage over a dataset index; see the module docstring for the guarantees.
 
     The run holds ``out_dir``'s lock (:mod:`pipeline.lock`) throughout. ``repair`` first verifies every complete
     shard (:mod:`pipeline.verify`) and sets the damaged ones aside, so exactly those are recomputed.
     ``max_failures``: a count (int) or a fraction of the index's videos (float); more failed videos stop the run
-    with :class:`TooManyFailures`.
+    with :class:`TooManyFailures`. ``train``: build each shard's training shard as soon as its flow shard is
+    complete (:func:`process_chained`), holding that directory's lock too; failures count the build's as well.
     """
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
@@ -264,11 +324,18 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
-    with DirectoryLock(out_dir):
-        warnings = prepare_output(out_dir, schema, dataset, [[r.video_id for r in shard] for shard in plan],
-                                  overwrite=overwrite, recorded=recorded)
+    ids = [[r.video_id for r in shard] for shard in plan]
+    if train is not None and Path(train.out_dir).resolve() == Path(out_dir).resolve():
+        raise StoreError(f"{train.out_dir}: the training-shard directory must differ from the flow directory")
+    with DirectoryLock(out_dir), (DirectoryLock(train.out_dir) if train else contextlib.nullcontext()):
+        warnings = prepare_output(out_dir, schema, dataset, ids, overwrite=overwrite, recorded=recorded)
         repaired = tuple(set_aside_damaged(out_dir)) if repair else ()
+        if train is not None:
+            repaired += tuple(prepare_train_output(train.out_dir, train_schema(schema, train.cfg), dataset, ids,
+                                                   overwrite=overwrite, repair=repair))
         tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
+        work = process_shard if train is None else process_chained
+        tasks = tasks if train is None else [ChainedTask(task, train) for task in tasks]
         failures: list[dict[str, str]] = []
 
         def stop_on_too_many(result: ShardResult) -> None:
@@ -279,13 +346,15 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
                                       f"{failures[0]['reason']}")
 
         try:
-            results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
+            results = run_tasks(work, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
                                 frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
         finally:
             write_manifest(out_dir)
+            if train is not None:
+                write_manifest(Path(train.out_dir))
     ran = ", ".join(sorted({r.ran for r in results if r.ran})) or f"{cfg.backend} (nothing left to compute)"
     return ExtractSummary(out_dir, ran, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results), tuple(warnings), repaired)
+                          sum(r.frames for r in results), tuple(warnings), repaired, train)
 

@@ -454,6 +454,18 @@ class VideoEntry:
     splits: dict[int, str]
 
 
+def video_entries(f: h5py.File, shard: str) -> list[VideoEntry]:
+    """The videos of one open shard named ``shard``, from their attributes (KeyError, ValueError when damaged)."""
+    videos = []
+    for key, group in f["videos"].items():
+        a = group.attrs
+        videos.append(VideoEntry(
+            video_id=str(a["video_id"]), label=int(a["label"]), label_name=str(a["label_name"]),
+            n_frames=int(a["n_frames"]), shard=shard, key=key, source=str(a["source"]),
+            splits={int(k): v for k, v in json.loads(a["splits"]).items()}))
+    return videos
+
+
 class ShardSet:
     """Read-only view of a stage output directory, shared by the trainer, the evaluator and users.
 
@@ -493,14 +505,7 @@ class ShardSet:
                 self._check_shard_schema(path, f)
                 recorded = json.loads(f.attrs.get("asym3d_recorded", "{}"))
                 failures = json.loads(f.attrs.get("failures", "[]"))
-                videos = []
-                for key, group in f["videos"].items():
-                    a = group.attrs
-                    videos.append(VideoEntry(
-                        video_id=str(a["video_id"]), label=int(a["label"]), label_name=str(a["label_name"]),
-                        n_frames=int(a["n_frames"]), shard=path.name, key=key, source=str(a["source"]),
-                        splits={int(k): v for k, v in json.loads(a["splits"]).items()}))
-                return videos, failures, recorded
+                return video_entries(f, path.name), failures, recorded
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect {self.root} "
                                "--verify, and --repair on the stage that wrote it") from None
