@@ -1,5 +1,5 @@
-"""Every bench/ script runs here at a tiny size, so none can rot (issue 14: bench/eval_views.py once crashed as committed
-while BENCHMARKS.md told readers to run it).
+"""Every bench/ script runs here at a tiny size, so none can rot (issue 14: bench/eval_views.py once crashed as
+committed while BENCHMARKS.md told readers to run it).
 
 Each script runs as a reader runs it, a subprocess from the repository root, on data every clone has (without
 ../shared/data the scripts fall back to the real clips in tests/data). A run must exit 0 and print its table: the header
