@@ -6,13 +6,14 @@ frames, raw uint8, written with ``pipeline.store``):
 - view preparation alone, as the host does it: ``model.evaluate.ClipViews`` items (HDF5 read of one whole-frame
   uint8 clip), then ``ClipViews.views`` (10 crops/flips + normalisation, done on the network's device: here the
   CPU, so the cost is shown apart);
-- the network alone: forward passes of ``--batch`` views of 3x16x112x112 under ``torch.inference_mode``;
+- the network alone: forward passes of ``--batch`` views of 3x16x112x112 (``--crop``) under ``torch.inference_mode``;
 - end to end: ``model.evaluate.score_videos`` (what ``asym3d evaluate`` runs), in this one process (workers=0).
 
 The end-to-end rate is extrapolated to one UCF-101 split (3,783 test videos x 250 views). Weights are untrained:
 speed does not depend on them. The precision is ``asym3d evaluate``'s (model.runtime: bf16 on a GPU, fp32 on a CPU).
 
     .venv/bin/python bench/eval_views.py [--models c3d-b5,asym3d] [--threads 2] [--batch 10] [--device cpu]
+        [--crop 112]  # a smaller crop (the network built for it) only to smoke-test the script quickly
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 from model import build_model
 from model.evaluate import ClipViews, score_videos
+from model.runtime import Runtime
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
 
 UCF101_TEST_VIDEOS = 3783  # split 1 test list
@@ -45,8 +47,8 @@ def synthetic_shards(root: Path, frames: int) -> ShardSet:
     return ShardSet(root)
 
 
-def clip_views(shards: ShardSet, clips: int) -> ClipViews:
-    return ClipViews(shards, shards.split_videos(1, "test"), "rgb", clip_len=16, num_clips=clips, crop_size=112,
+def clip_views(shards: ShardSet, clips: int, crop: int = 112) -> ClipViews:
+    return ClipViews(shards, shards.split_videos(1, "test"), "rgb", clip_len=16, num_clips=clips, crop_size=crop,
                      crops=10, mean=[100.0] * 3, std=[50.0] * 3)
 
 
@@ -72,9 +74,13 @@ def preparation_rates(shards: ShardSet, clips: int) -> tuple[tuple[float, float]
     return (n / read.wall, n / read.cpu), (n / build.wall, n / build.cpu)
 
 
-def forward_rate(net: torch.nn.Module, batch: int, repeats: int, device: torch.device) -> tuple[float, float]:
-    x = torch.randn(batch, 3, 16, 112, 112, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+def forward_rate(net: torch.nn.Module, batch: int, crop: int, repeats: int, device: torch.device
+                 ) -> tuple[float, float]:
+    """Views/s of the network alone, with ``score_videos``'s precision and memory format (``model.runtime``)."""
+    runtime = Runtime.choose(device)
+    net = runtime.prepare(net)
+    x = runtime.inputs(torch.randn(batch, 3, 16, crop, crop, device=device))
+    with torch.inference_mode(), runtime.autocast():
         net(x)  # warm-up: allocator, kernels
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -86,9 +92,9 @@ def forward_rate(net: torch.nn.Module, batch: int, repeats: int, device: torch.d
     return batch * repeats / t.wall, batch * repeats / t.cpu
 
 
-def end_to_end_rate(net: torch.nn.Module, shards: ShardSet, clips: int, batch: int,
+def end_to_end_rate(net: torch.nn.Module, shards: ShardSet, clips: int, batch: int, crop: int,
                     device: torch.device) -> tuple[float, float]:
-    views = clip_views(shards, clips)
+    views = clip_views(shards, clips, crop)
     with Timer() as t:
         counts = score_videos(net, views, batch_size=batch, device=device, progress=False).views
     return int(counts.sum()) / t.wall, int(counts.sum()) / t.cpu
@@ -102,6 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per network")
     parser.add_argument("--clips", type=int, default=2, help="clips (x10 views) in the end-to-end run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--crop", type=int, default=112, help="view size (the protocol's 112; smaller to smoke-test)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -111,9 +118,9 @@ def main() -> None:
         read, build = preparation_rates(shards, clips=25)
         rows = []
         for name in args.models.split(","):
-            net = build_model(name).to(device).eval()
-            fwd = forward_rate(net, args.batch, args.repeats, device)
-            e2e = end_to_end_rate(net, shards, args.clips, args.batch, device)
+            net = build_model(name, clip=(16, args.crop, args.crop)).to(device).eval()
+            fwd = forward_rate(net, args.batch, args.crop, args.repeats, device)
+            e2e = end_to_end_rate(net, shards, args.clips, args.batch, args.crop, device)
             hours = [UCF101_TEST_VIDEOS * VIEWS_PER_VIDEO / rate / 3600 for rate in e2e]
             rows.append(f"| {name} | {device.type} | {args.batch} | {fwd[0]:.2f} / {fwd[1]:.2f} | "
                         f"{e2e[0]:.2f} / {e2e[1]:.2f} | {hours[0]:,.0f} h / {hours[1]:,.0f} h |")
@@ -121,10 +128,11 @@ def main() -> None:
     where = f"{platform.machine()}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}"
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
-    print(f"Machine: {where}; torch {torch.__version__}. Each cell: per wall-clock second / per CPU-second of "
-          f"this process. View preparation, one process: reading the uint8 clips (the loader's part) "
-          f"{read[0]:.0f} / {read[1]:.0f} views/s; building the 10 views from them on the CPU (a GPU's part "
-          f"when evaluating there) {build[0]:.0f} / {build[1]:.0f} views/s.\n")
+    print(f"Machine: {where}; torch {torch.__version__}; the networks take views of 3x16x{args.crop}x{args.crop}. "
+          f"Each cell: per wall-clock second / per CPU-second of this process. View preparation (3x16x112x112), "
+          f"one process: reading the uint8 clips (the loader's part) {read[0]:.0f} / {read[1]:.0f} views/s; "
+          f"building the 10 views from them on the CPU (a GPU's part when evaluating there) "
+          f"{build[0]:.0f} / {build[1]:.0f} views/s.\n")
     print("| network | device | batch | network views/s | end-to-end views/s | one UCF-101 split (3,783 x 250 views) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

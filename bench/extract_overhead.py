@@ -22,12 +22,11 @@ from pipeline.datasets import index_dataset
 from pipeline.decode import DecodeConfig, decode_video
 from pipeline.extract import ExtractConfig, extract_flow
 from pipeline.flow import make_backend
-
-SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+from sample_videos import sample_videos
 
 
 def make_dataset(root: Path, sources: list[Path], count: int) -> None:
-    """``count`` videos in two classes, cycling over the real source videos."""
+    """``count`` videos in two classes, cycling over the real source videos (``sample_videos``)."""
     for i in range(count):
         src = sources[i % len(sources)]
         dst = root / f"class{i % 2}" / f"{src.stem}_{i}{src.suffix}"
@@ -52,7 +51,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=9, help="frames decoded per video (pairs = frames - 1)")
     parser.add_argument("--jobs", default="1,2")
     args = parser.parse_args()
-    sources = sorted(SHARED_VIDEOS.glob("*.mp4"))
+    sources = sample_videos()
     decode = DecodeConfig(max_frames=args.frames)
     print(f"machine: {platform.processor() or platform.machine()}, {cv2.getNumberOfCPUs()} cores, "
           f"opencv {cv2.__version__}, cv2 threads {cv2.getNumThreads()}; backend {args.backend}; "

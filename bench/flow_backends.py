@@ -1,11 +1,11 @@
 """Pairs/s of every optical-flow backend on the same decoded frames, measured side by side in one run.
 
-    .venv/bin/python bench/flow_backends.py [--video PATH] [--tvl1-pairs 20] [--threads 2]
+    .venv/bin/python bench/flow_backends.py [--video PATH] [--tvl1-pairs 20] [--threads 2] [--size 171x128]
 
-Decodes a real video at the paper's 128x171, then times each backend on consecutive pairs and prints a markdown
-table: pairs/s, the ratio to OpenCV's CPU TV-L1 (the reference), and the mean end-point difference from the CPU
-TV-L1 flow on the pairs both computed (how far a backend's flow is from the paper's). Backends that cannot run here
-(cuda without a CUDA OpenCV) are listed as skipped with the reason.
+Decodes a real video at the paper's 128x171 (or ``--size``), then times each backend on consecutive pairs and prints
+a markdown table: pairs/s, the ratio to OpenCV's CPU TV-L1 (the reference), and the mean end-point difference from
+the CPU TV-L1 flow on the pairs both computed (how far a backend's flow is from the paper's). Backends that cannot
+run here (cuda without a CUDA OpenCV) are listed as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from pipeline.decode import DecodeConfig, decode_video
 from pipeline.flow import FlowBackendUnavailable, make_backend
+from sample_videos import sample_videos
 
 
 def timed(fn, *args):
@@ -31,7 +32,8 @@ def timed(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video", default=str(Path(__file__).resolve().parents[2] / "shared/data/videos/bikes.mp4"))
+    parser.add_argument("--video", type=Path, default=sample_videos()[0],
+                        help="default: ../shared/data/videos/bikes.mp4, else a real clip in tests/data")
     parser.add_argument("--tvl1-pairs", type=int, default=20, help="pairs for OpenCV's TV-L1 (cpu, cuda)")
     parser.add_argument("--torch-pairs", type=int, default=None,
                         help="pairs for the torch TV-L1; default 4 on a CPU (~15 s each on 2 busy cores), else 256")
@@ -39,12 +41,16 @@ def main() -> None:
     parser.add_argument("--torch-device", default=None, help="default: cuda if torch sees a GPU, else cpu")
     parser.add_argument("--torch-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="OpenCV and torch CPU threads")
+    parser.add_argument("--size", default="171x128", help="WxH frames are decoded at (the paper's: 171x128)")
+    parser.add_argument("--frames", type=int, default=DecodeConfig.max_frames, help="decode at most this many frames")
     args = parser.parse_args()
     cv2.setNumThreads(args.threads)
     torch.set_num_threads(args.threads)
 
-    frames, decode_s = timed(decode_video, args.video, DecodeConfig(height=128, width=171))
-    print(f"video: {args.video}: {len(frames)} frames at 128x171 decoded in {decode_s:.2f} s "
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    decode = DecodeConfig(height=height, width=width, max_frames=args.frames)
+    frames, decode_s = timed(decode_video, args.video, decode)
+    print(f"video: {args.video}: {len(frames)} frames at {width}x{height} decoded in {decode_s:.2f} s "
           f"({len(frames) / decode_s:.0f} frames/s)")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"OpenCV {cv2.__version__}, torch {torch.__version__}, "

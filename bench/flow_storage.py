@@ -1,6 +1,7 @@
 """Flow-shard storage options side by side: bytes per flow frame, write speed, random 16-frame window reads, error.
 
-Real frames (a video from ../shared/data/videos decoded at 128x171), real OpenCV TV-L1 flow, real HDF5 shards
+Real frames (a video from ../shared/data/videos, else from tests/data/real_clips, decoded at 128x171), real OpenCV
+TV-L1 flow (``--backend``: another backend of pipeline.flow, e.g. the fast ``dis`` for a smoke run), real HDF5 shards
 written and read through pipeline.store. Run: ``python bench/flow_storage.py [--pairs 24]``.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from pipeline.decode import DecodeConfig, decode_video
 from pipeline.flow import make_backend
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
+from sample_videos import sample_videos
 
 OPTIONS = {
     "float32 raw": dict(dtype="float32"),
@@ -54,15 +56,17 @@ def measure(flow: np.ndarray, options: dict, work: Path, copies: int, windows: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--video", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared/data/videos/bikes.mp4")
+    parser.add_argument("--video", type=Path, default=sample_videos()[0],
+                        help="default: ../shared/data/videos/bikes.mp4, else a real clip in tests/data")
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--copies", type=int, default=8, help="videos per shard (copies of the same flow)")
     parser.add_argument("--windows", type=int, default=300)
+    parser.add_argument("--backend", default="cpu", help="flow backend (default cpu: OpenCV TV-L1)")
     args = parser.parse_args()
     frames = decode_video(args.video, DecodeConfig(max_frames=args.pairs + 1))
-    flow = make_backend("cpu").compute(frames)
-    print(f"{args.video.name}: {len(flow)} TV-L1 flow frames at {flow.shape[1]}x{flow.shape[2]}, "
+    backend = make_backend(args.backend)
+    flow = backend.compute(frames)
+    print(f"{args.video.name}: {len(flow)} {backend.algorithm} flow frames at {flow.shape[1]}x{flow.shape[2]}, "
           f"mean |F| {np.hypot(flow[..., 0], flow[..., 1]).mean():.2f} px")
     raw = None
     print("| option | bytes/frame | vs float32 | write frames/s | 16-frame windows/s | max error px |")

@@ -3,9 +3,10 @@
 Both sides are measured in one run on the same machine:
 
 - Loader: the trainer's own :class:`model.data.TrainClips` + :class:`model.data.EpochSampler` + DataLoader (batch 16)
-  over a real training shard directory written here from real frames (``/work/shared/data/videos`` decoded at
-  128x171, stored as build-rgbf's default: JPEG q90, 4:2:0), random 16x112x112 clips with flips, normalised. Timed
-  from the second batch on (worker start-up excluded), for each ``--workers`` count.
+  over a real training shard directory written here from real frames (``--videos`` windows of ``--frames`` frames
+  of ``../shared/data/videos``, else of the real clips in tests/data, decoded at 128x171, stored as build-rgbf's
+  default: JPEG q90, 4:2:0), random 16x112x112 clips with flips, normalised. Timed from the second batch on (worker
+  start-up excluded), for each ``--workers`` count.
 - Trainer: forward + cross-entropy + backward + SGD step (momentum 0.9, weight decay 5e-4) of c3d-b5 and asym3d at
   batch 16 on in-memory tensors: what the training loop asks of the loader. On CUDA with bf16 autocast and
   channels_last_3d, as ``asym3d train`` runs; on CPU in float32 at ``--trainer-clip`` (default 16x56x56 on CPU,
@@ -34,9 +35,9 @@ from torch.utils.data import DataLoader
 from model import build_model
 from model.data import EpochSampler, TrainClips, open_training_shards, split_videos
 from pipeline.store import VideoMeta
+from sample_videos import sample_videos
 from train_shards import write_train_shards
 
-VIDEOS = Path("/work/shared/data/videos")
 BATCH = 16
 
 
@@ -44,7 +45,7 @@ def write_shards(root: Path, n_videos: int, frames: int) -> Path:
     """``n_videos`` videos of ``frames`` real 128x171 frames (windows of the sample videos) in two JPEG shards."""
     from pipeline.decode import DecodeConfig, decode_video  # here only: the loader timing itself needs no ffmpeg
 
-    sources = [decode_video(path, DecodeConfig(max_frames=400)) for path in sorted(VIDEOS.glob("*.mp4"))]
+    sources = [decode_video(path, DecodeConfig(max_frames=400)) for path in sample_videos()]
     rng = np.random.default_rng(0)
     videos = []
     for i in range(n_videos):
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trainer-clip", help="TxHxW for the trainer [default: 16x112x112 on CUDA, 16x56x56 on CPU]")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the trainer (CPU)")
+    parser.add_argument("--videos", type=int, default=24, help="videos in the loader's training shards")
+    parser.add_argument("--frames", type=int, default=48, help="frames per video (at least 16, the clip length)")
     args = parser.parse_args()
     device = torch.device(args.device)
     clip_text = args.trainer_clip or ("16x112x112" if device.type == "cuda" else "16x56x56")
@@ -131,7 +134,7 @@ def main() -> None:
     # threads made the per-clip normalisation ~5x slower (measured), which would charge workers=0 for contention
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_shards(Path(tmp) / "shards", n_videos=24, frames=48)
+        root = write_shards(Path(tmp) / "shards", n_videos=args.videos, frames=args.frames)
         loader = {w: loader_rate(root, w, args.batches) for w in (int(s) for s in args.workers.split(","))}
     torch.set_num_threads(args.threads)
     trainer = {name: trainer_rate(name, clip, args.steps, device) for name in args.models.split(",")}

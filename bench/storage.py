@@ -6,11 +6,12 @@ the ratio to raw uint8, the mean absolute error after decoding, and random 16-fr
 second through ``ShardSet.read`` in this one process (so per core), both per wall-clock second and per second of
 this process's CPU time (the fairer per-core figure on a machine shared with other work).
 
-Frames: every video in ``--videos`` decoded at 128x171 by ``pipeline.decode``. Flow: OpenCV DIS (medium preset), not
+Frames: every video in ``--videos`` (default: ../shared/data/videos, else the real clips in tests/data) decoded at
+128x171 by ``pipeline.decode``, at most ``--frames`` of each. Flow: OpenCV DIS (medium preset), not
 TV-L1: TV-L1 does ~5 pairs/s here, too slow for a benchmark, and the flow only has to be realistic flow for the
 storage measurement. Flow images and RGBF are then made by ``pipeline.rgbf`` exactly as build-rgbf makes them.
 
-    .venv/bin/python bench/storage.py [--videos '/work/shared/data/videos/*.mp4'] [--seconds 2]
+    .venv/bin/python bench/storage.py [--videos '/work/shared/data/videos/*.mp4'] [--seconds 2] [--frames 20000]
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from pipeline.decode import DecodeConfig, decode_video
 from pipeline.rgbf import DEFAULT_FLOW_BOUND, paired_flow_index, training_frames
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
+from sample_videos import sample_videos
 
 WINDOW = 16
 OPTIONS: dict[str, dict[str, object]] = {
@@ -83,14 +85,16 @@ def measure(root: Path, name: str, videos: list[dict[str, np.ndarray]], option: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", default=str(Path(__file__).resolve().parents[2] / "shared/data/videos/*.mp4"))
+    parser.add_argument("--videos", help="glob of videos [default: ../shared/data/videos/*.mp4, else tests/data's]")
     parser.add_argument("--seconds", type=float, default=2.0, help="time spent reading windows per measurement")
+    parser.add_argument("--frames", type=int, default=DecodeConfig.max_frames, help="frames decoded per video, at most")
     args = parser.parse_args()
     cv2.setNumThreads(1)
-    paths = sorted(glob.glob(args.videos))
+    paths = sorted(glob.glob(args.videos)) if args.videos else [str(p) for p in sample_videos()]
     if not paths:
         raise SystemExit(f"no videos match {args.videos}")
-    videos = [modalities_of(decode_video(p, DecodeConfig(height=128, width=171))) for p in paths]
+    config = DecodeConfig(height=128, width=171, max_frames=args.frames)
+    videos = [modalities_of(decode_video(p, config)) for p in paths]
     n_frames = sum(len(v["rgb"]) for v in videos)
     print(f"{len(paths)} videos, {n_frames} frames at 128x171 ({', '.join(Path(p).name for p in paths)}); "
           f"flow: OpenCV DIS medium, bound {DEFAULT_FLOW_BOUND:g} px; {platform.processor() or platform.machine()}, "
