@@ -440,7 +440,9 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
     """
     from model.results import parse_splits
-    from model.train import is_main_process, make_config, train, train_splits
+    from model.config import make_config
+    from model.distributed import is_main_process
+    from model.train import train, train_splits
 
     if clip[1] != clip[2]:
         raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")

@@ -1,8 +1,8 @@
 """The trainer: any registered network on one modality of the training shards, CPU or CUDA, one process or DDP.
 
 ``train(cfg)`` runs one split into ``cfg.out_dir``; ``train_splits`` runs one per split into ``OUT/split{N}``.
-Optimisation follows the paper (§4.3): SGD, momentum 0.9, weight decay 5e-4, batch 16, step learning-rate decay;
-:data:`SCHEDULES` holds its pre-training and fine-tuning presets. Data sampling is described in :mod:`model.data`.
+What a run is and the paper's schedules: :mod:`model.config`; processes: :mod:`model.distributed`; data sampling:
+:mod:`model.data`; how the network runs on its device: :mod:`model.runtime`.
 
 Run directory: ``last.pt`` (every epoch) and ``best.pt`` (best validation accuracy; training accuracy when the split
 has no test videos), both in the format of :mod:`model.checkpoint`; ``metrics.csv`` (one row per epoch);
@@ -21,111 +21,34 @@ file system). Rank 0 writes the logs, metrics and checkpoints.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
-import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import build_model, list_models
-from pipeline.errors import Asym3dError
-
 from pipeline.lock import DirectoryLock
-from pipeline.store import atomic_output, write_text_atomic
+from pipeline.store import write_text_atomic
 
-from .clips import network_input
-from .runtime import PRECISIONS, Runtime
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .data import (MODALITIES, CentreClips, EpochSampler, TrainClips, channel_statistics, collate_readable,
-                   open_training_shards, split_videos)
-
-# Paper §4.3. "none" keeps TrainConfig's own defaults (constant learning rate unless --lr-step is given).
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "pretrain": {"lr": 1e-3, "lr_step": 15, "lr_gamma": 0.2, "epochs": 50, "fc8_lr_mult": 1.0},
-    "finetune": {"lr": 1e-4, "lr_step": 8, "lr_gamma": 0.1, "epochs": 20, "fc8_lr_mult": 10.0},
-    "none": {},
-}
-# Settings a resumed run may change: where things are and how fast it runs, never what is computed.
-RUNTIME_FIELDS = ("shard_dir", "out_dir", "epochs", "workers", "device", "compile", "precision", "progress",
-                  "resume", "max_missing", "max_bad_videos")
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "clips_per_s", "seconds")
-
-
-class TrainError(Asym3dError, ValueError):
-    """A run that cannot start or continue as asked; the message names the file and the reason."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run. Saved as a plain dict in every checkpoint."""
-
-    shard_dir: str  # build-rgbf output
-    out_dir: str  # run directory
-    model: str  # registry name (model.list_models())
-    input: str = "rgb"  # modality: rgb, flow or rgbf
-    split: int = 1  # which split's train list to train on (its test list validates)
-    schedule: str = "none"  # the preset the values below came from (SCHEDULES)
-    epochs: int = 20
-    batch_size: int = 16  # per process
-    lr: float = 1e-3
-    lr_step: int = 0  # epochs between learning-rate decays; 0 keeps it constant
-    lr_gamma: float = 0.1  # decay factor
-    fc8_lr_mult: float = 1.0  # learning-rate multiplier of the last layer (10 when fine-tuning)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    clip_len: int = 16  # frames per clip
-    crop: int = 112  # square crop; must fit the stored frames
-    batch_norm: bool = False
-    dropout: float = 0.5
-    workers: int = 2  # DataLoader worker processes per training process
-    device: str = "auto"  # auto, cpu or cuda
-    seed: int = 0
-    init: str | None = None  # checkpoint to start from (fc8 re-initialised when the class count differs)
-    resume: bool = False  # continue out_dir/last.pt
-    compile: bool = False  # torch.compile the network
-    precision: str = "auto"  # model.runtime.PRECISIONS: bf16 autocast on a GPU that has it, float32 elsewhere
-    max_missing: float = 0.05  # largest tolerated fraction of planned videos absent from the shards
-    max_bad_videos: int = 10  # videos whose stored frames fail to read are skipped, up to this many, then stop
-    progress: bool = True  # progress bars and per-epoch lines (rank 0)
-
-    def __post_init__(self) -> None:
-        if self.input not in MODALITIES:
-            raise TrainError(f"unknown input {self.input!r}; valid: {', '.join(MODALITIES)}")
-        if self.schedule not in SCHEDULES:
-            raise TrainError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise TrainError(f"unknown device {self.device!r}; valid: auto, cpu, cuda")
-        if self.precision not in PRECISIONS:
-            raise TrainError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
-        for name in ("epochs", "batch_size", "clip_len", "crop"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0 or not 0 < self.lr < math.inf or not 0 <= self.max_missing <= 1:  # `not`: NaN fails
-            raise TrainError(f"workers must be >= 0, lr a finite number > 0 and max_missing in [0, 1]; got "
-                             f"{self.workers}, {self.lr}, {self.max_missing}")
-
-
-def make_config(schedule: str = "none", **options: Any) -> TrainConfig:
-    """A config from a schedule preset, then ``options`` (``None`` values mean "not given": the preset stays)."""
-    if schedule not in SCHEDULES:
-        raise TrainError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    given = {key: value for key, value in options.items() if value is not None}
-    return TrainConfig(**{**SCHEDULES[schedule], **given, "schedule": schedule})
-
+from .clips import network_input
+from .config import RUNTIME_FIELDS, TrainConfig, TrainError
+from .data import (CentreClips, EpochSampler, TrainClips, channel_statistics, collate_readable, open_training_shards,
+                   split_videos)
+from .distributed import Env, is_main_process, process_group, resolve_device, sum_across, torchrun_world
+from .run_files import METRIC_COLUMNS, plot_curves, tensorboard_writer, write_metrics
+from .runtime import Runtime
 
 def train_splits(cfg: TrainConfig, splits: Sequence[int]) -> list[dict[str, Any]]:
     """One run per split, into ``cfg.out_dir/split{N}``; returns each run's summary.
@@ -133,7 +56,7 @@ def train_splits(cfg: TrainConfig, splits: Sequence[int]) -> list[dict[str, Any]
     With ``resume``, a split that has a ``last.pt`` continues it (a finished one has nothing left to do) and a split
     that never saved one starts afresh, so one command picks up a multi-split run wherever it was interrupted.
     """
-    with _process_group(cfg.device):
+    with process_group(cfg.device):
         results = []
         for split in splits:
             out = Path(cfg.out_dir) / f"split{split}"
@@ -152,66 +75,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
-    with _process_group(cfg.device), DirectoryLock(cfg.out_dir) if is_main_process() else nullcontext():
+    with process_group(cfg.device), DirectoryLock(cfg.out_dir) if is_main_process() else nullcontext():
         return _Run(cfg).fit()
-
-
-# ------------------------------------------------------------------------------------------------ processes
-
-
-@dataclass(frozen=True)
-class _Env:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain process."""
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def is_main_process() -> bool:
-    """True outside torchrun and on its rank 0: the process that reports."""
-    return _world()[0] == 0
-
-
-def _resolve_device(option: str, local_rank: int) -> torch.device:
-    if option == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if option == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-@contextmanager
-def _process_group(device_option: str) -> Iterator[None]:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) unless alone or already joined."""
-    _, world, local_rank = _world()
-    if world == 1 or dist.is_initialized():
-        yield
-        return
-    device = _resolve_device(device_option, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def _sum_across(values: list[float], env: _Env) -> list[float]:
-    if env.world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
@@ -270,40 +135,6 @@ def _step_decay(step: int, gamma: float) -> Any:
     return lambda epoch: gamma ** (epoch // step) if step else 1.0
 
 
-def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
-    with atomic_output(out / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def _plot_curves(out: Path, history: list[dict[str, float]], title: str) -> None:
-    """Loss and accuracy per epoch. Uses matplotlib's Figure directly: no pyplot state, no display needed."""
-    from matplotlib.figure import Figure
-
-    epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(9, 3.5), tight_layout=True)
-    for ax, what in zip(fig.subplots(1, 2), ("loss", "acc")):
-        ax.plot(epochs, [row[f"train_{what}"] for row in history], "o-", label="train")
-        if any(not math.isnan(row[f"val_{what}"]) for row in history):
-            ax.plot(epochs, [row[f"val_{what}"] for row in history], "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if what == "acc" else "cross-entropy loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    with atomic_output(out / "curves.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -311,8 +142,8 @@ class _Run:
     """One training run: set up from config (and checkpoint), then :meth:`fit`."""
 
     def __init__(self, cfg: TrainConfig):
-        rank, world, local_rank = _world()
-        self.env = _Env(rank, world, _resolve_device(cfg.device, local_rank))
+        rank, world, local_rank = torchrun_world()
+        self.env = Env(rank, world, resolve_device(cfg.device, local_rank))
         self.out = Path(cfg.out_dir)
         last = self.out / "last.pt"
         resume = None
@@ -452,7 +283,7 @@ class _Run:
                 rate = seen * self.env.world / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{rate:.1f}")
         seconds = time.perf_counter() - start
-        total_loss, total_correct, total_seen = _sum_across([loss_sum.item(), float(correct.item()), seen], self.env)
+        total_loss, total_correct, total_seen = sum_across([loss_sum.item(), float(correct.item()), seen], self.env)
         total_seen = max(total_seen, 1)
         return {"train_loss": total_loss / total_seen, "train_acc": total_correct / total_seen,
                 "clips_per_s": total_seen / seconds, "seconds": seconds}
@@ -472,7 +303,7 @@ class _Run:
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-        loss_sum, correct, seen = _sum_across([loss_sum, correct, seen], self.env)
+        loss_sum, correct, seen = sum_across([loss_sum, correct, seen], self.env)
         return {"val_loss": loss_sum / max(seen, 1), "val_acc": correct / max(seen, 1)}
 
     def _state(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -502,7 +333,7 @@ class _Run:
             write_text_atomic(self.out / "run.json", json.dumps(run_info, indent=1))
         if self.start_epoch >= cfg.epochs:
             self.log(f"{self.out}: already trained {self.start_epoch} of {cfg.epochs} epochs; nothing to do")
-        writer = _tensorboard(self.out) if self.env.main else None
+        writer = tensorboard_writer(self.out) if self.env.main else None
         if self.rng_after_setup is not None:
             restore_rng_state(self.rng_after_setup)
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -521,8 +352,8 @@ class _Run:
                 if improved:  # best.pt first: last.pt must never name a best epoch whose best.pt was not written
                     save_checkpoint(self.out / "best.pt", state)
                 save_checkpoint(self.out / "last.pt", state)
-                _write_metrics(self.out, self.history)
-                _plot_curves(self.out, self.history, f"{cfg.model} {cfg.input} split {cfg.split}")
+                write_metrics(self.out, self.history)
+                plot_curves(self.out, self.history, f"{cfg.model} {cfg.input} split {cfg.split}")
                 if writer is not None:
                     for key in METRIC_COLUMNS[1:]:
                         writer.add_scalar(key, row[key], epoch + 1)

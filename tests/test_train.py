@@ -22,7 +22,8 @@ from model.clips import clip_indices, network_input
 from model.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from model.data import CentreClips, DataError, TrainClips, View, open_training_shards, split_videos
 from model.runtime import Runtime
-from model.train import TrainConfig, TrainError, init_from_checkpoint, make_config, train, train_splits
+from model.config import make_config
+from model.train import TrainConfig, TrainError, init_from_checkpoint, train, train_splits
 from model import build_model
 from pipeline.store import FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, prepare_output, shard_name
 
