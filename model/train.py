@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import build_model, list_models
+from model import WEIGHT_INITS, build_model, list_models
 from pipeline.errors import Asym3dError
 
 from pipeline.lock import DirectoryLock
@@ -89,6 +89,7 @@ class TrainConfig:
     crop: int = 112  # square crop; must fit the stored frames
     batch_norm: bool = False
     dropout: float = 0.5
+    weight_init: str = "he-torchfc"  # model.WEIGHT_INITS; "c3d" is the paper's (Caffe C3D) fillers
     workers: int = 2  # DataLoader worker processes per training process
     device: str = "auto"  # auto, cpu or cuda
     seed: int = 0
@@ -102,6 +103,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.input not in MODALITIES:
             raise TrainError(f"unknown input {self.input!r}; valid: {', '.join(MODALITIES)}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise TrainError(f"unknown weight init {self.weight_init!r}; valid: {', '.join(WEIGHT_INITS)}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -351,7 +354,7 @@ class _Run:
 
         self.model_kwargs = {"num_classes": len(self.classes), "in_channels": 3,
                              "clip": [cfg.clip_len, cfg.crop, cfg.crop], "batch_norm": cfg.batch_norm,
-                             "dropout": cfg.dropout}
+                             "dropout": cfg.dropout, "weight_init": cfg.weight_init}
         self.net = build_model(cfg.model, **{**self.model_kwargs, "clip": tuple(self.model_kwargs["clip"])})
         if cfg.init and resume is None:
             fresh = init_from_checkpoint(self.net, cfg.init, cfg.model)

@@ -100,7 +100,7 @@ def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 5 and state["classes"] == ["warm_right", "cool_left"]
     assert state["model_kwargs"] == {"num_classes": 2, "in_channels": 3, "clip": [16, 16, 16],
-                                     "batch_norm": False, "dropout": 0.0}
+                                     "batch_norm": False, "dropout": 0.0, "weight_init": "he-torchfc"}
     assert state["config"]["input"] == "rgb" and state["config"]["crop"] == 16
     assert len(state["normalization"]["mean"]) == 3 and min(state["normalization"]["std"]) > 1
     best = load_checkpoint(run / "best.pt")
