@@ -7,13 +7,13 @@ SGD (momentum 0.9, weight decay 5e-4), and records per step the cross-entropy an
 the step; nothing is clipped). At the end one centre clip per test video gives a validation accuracy. A variant is
 a comma-separated list of ``key=value``:
 
-    init=he|c3d|torch   model.WEIGHT_INITS                        bn=0|1     BatchNorm after every conv
+    init=he-torchfc|he-smallfc|he|c3d|torch  (model.WEIGHT_INITS)     bn=0|1    BatchNorm after every conv
     lr=1e-3             base learning rate                         warmup=N  linear warm-up over the first N steps
     scale=unit|caffe    unit: the trainer's (x - mean) / std; caffe: x - mean only, on the 0..255 scale
                         (Caffe's C3D subtracts a mean image and does not divide), to see its init as it was meant
 
     .venv/bin/python bench/train_stability.py SHARDS --input rgb --model asym3d --clip 16x32x32 --batch 4 \\
-        --steps 120 --variants "init=he;init=c3d;init=torch" [--csv per_step.csv]
+        --steps 24 --variants "init=he;init=he,warmup=24;init=he-torchfc;init=c3d,scale=caffe" [--csv per_step.csv]
 
 Prints one markdown row per variant, with this process's CPU seconds beside the wall time (the machine may be
 shared) and the load average at the end.
@@ -34,7 +34,7 @@ from model import build_model
 from model.data import (CentreClips, EpochSampler, TrainClips, channel_statistics, collate_readable,
                         open_training_shards, split_videos)
 
-DEFAULTS = {"init": "he", "bn": "0", "lr": "1e-3", "warmup": "0", "scale": "unit"}
+DEFAULTS = {"init": "he-torchfc", "bn": "0", "lr": "1e-3", "warmup": "0", "scale": "unit"}
 
 
 def parse_variant(text: str) -> dict[str, str]:
@@ -118,11 +118,11 @@ def main() -> None:
     parser.add_argument("--clip", default="16x32x32")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--split", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="init=he;init=c3d;init=torch", help="';'-separated variants")
+    parser.add_argument("--variants", default="init=he;init=he-torchfc", help="';'-separated variants")
     parser.add_argument("--csv", help="write every step of every variant here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
