@@ -87,7 +87,7 @@ def config(shards: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
-    result = train(config(shards, tmp_path / "run", epochs=5, dropout=0.0, lr=0.003))
+    result = train(config(shards, tmp_path / "run", epochs=5, dropout=0.0, lr=0.01))
     history = result["history"]
     assert len(history) == 5
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
