@@ -421,6 +421,10 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
               help="dropout rate after fc6 and fc7 [default: 0.5, the paper's]")
+@click.option("--weight-init", help="initialisation from scratch [default: he-torchfc: He convs, PyTorch's Linear "
+                                    "default for fc6/fc7]; c3d: the paper's Caffe C3D fillers; he: He fc6/fc7 too "
+                                    "(unstable); he-smallfc: fc6/fc7 N(0, 0.005); torch: PyTorch's defaults "
+                                    "(BENCHMARKS.md, 'Training from scratch')")
 @click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
 @click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
@@ -433,8 +437,9 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
               help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
 def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
-              clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, init: Path | None, resume: bool,
-              compile_: bool, precision: str, max_missing: float, max_bad_videos: int) -> None:
+              clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, weight_init: str | None,
+              init: Path | None, resume: bool, compile_: bool, precision: str, max_missing: float,
+              max_bad_videos: int) -> None:
     """Train a network on SHARD_DIR (build-rgbf output); checkpoints, metrics.csv and curves.png go to --out.
 
     Several GPUs: torchrun --nproc_per_node N -m cli train ... (DDP; --batch-size is per process).
@@ -449,8 +454,9 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
     cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
-                      batch_norm=batch_norm, dropout=dropout, init=str(init) if init else None, resume=resume,
-                      compile=compile_, precision=precision, max_missing=max_missing, max_bad_videos=max_bad_videos)
+                      batch_norm=batch_norm, dropout=dropout, weight_init=weight_init,
+                      init=str(init) if init else None, resume=resume, compile=compile_, precision=precision,
+                      max_missing=max_missing, max_bad_videos=max_bad_videos)
     results = train_splits(cfg, parse_splits(splits)) if splits else [train(cfg)]
     for result in results if is_main_process() else []:
         click.echo(f"{result['run_dir']}: best {result['best_on']} accuracy {result['best_acc']:.3f} "

@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.errors import Asym3dError
 
 from .data import MODALITIES
+from .networks import WEIGHT_INITS
 from .runtime import PRECISIONS
 
 # Paper §4.3. "none" keeps TrainConfig's own defaults (constant learning rate unless --lr-step is given).
@@ -51,6 +52,7 @@ class TrainConfig:
     crop: int = 112  # square crop; must fit the stored frames
     batch_norm: bool = False
     dropout: float = 0.5
+    weight_init: str = "he-torchfc"  # model.WEIGHT_INITS; "c3d" is the paper's (Caffe C3D) fillers
     workers: int = 2  # DataLoader worker processes per training process
     device: str = "auto"  # auto, cpu or cuda
     seed: int = 0
@@ -65,6 +67,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.input not in MODALITIES:
             raise TrainError(f"unknown input {self.input!r}; valid: {', '.join(MODALITIES)}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise TrainError(f"unknown weight init {self.weight_init!r}; valid: {', '.join(WEIGHT_INITS)}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -187,6 +187,54 @@ def feature_shape(spec: NetworkSpec, clip: Shape3) -> tuple[int, int, int, int]:
     return (block_out_channels(spec.stages[-1].block), *size)  # type: ignore[return-value]
 
 
+#: Weight initialisation schemes, chosen by ``build_model(weight_init=...)`` (``asym3d train --weight-init``).
+#: All but "c3d" and "torch" give every conv He-normal weights with the gain of the non-linearity that follows it (set
+#: in model.layers) and zero biases; fc8 is N(0, 0.01) except under "torch". They differ in fc6/fc7:
+#: "he-torchfc" (default): PyTorch's Linear default, U(+-1/sqrt(fan_in)), a third of He's variance per layer.
+#:   He-normal 2048/4096-wide fc6/fc7 make the fc8 input so large that one SGD step moves the logits by several
+#:   units: first gradient norms of 54-190 and loss spikes to 3-7x ln(classes), which neither a learning-rate
+#:   warm-up nor batch norm removes (BENCHMARKS.md, "Training from scratch").
+#: "he-smallfc": fc6/fc7 N(0, 0.005) (C3D's fc std): stable too, but the tiny fc path leaves training on a plateau.
+#: "he": He-normal fc6/fc7 (the init before issue 16).
+#: "c3d": C3D's Caffe fillers (facebookarchive/C3D conv3d_ucf101_train.prototxt; the paper trained in Caffe):
+#:   conv N(0, 0.01), fc6/fc7 N(0, 0.005), fc8 N(0, 0.01); biases 0 for conv1 and fc8, 1 elsewhere.
+#: "torch": PyTorch's own defaults for every layer (the signal fades through the conv stack).
+WEIGHT_INITS = ("he-torchfc", "he-smallfc", "he", "c3d", "torch")
+
+
+def init_weights(net: "Net3D", scheme: str) -> None:
+    """(Re-)initialise ``net``'s convolutions and fc layers by ``scheme`` (see :data:`WEIGHT_INITS`)."""
+    if scheme not in WEIGHT_INITS:
+        raise ValueError(f"unknown weight init {scheme!r}; valid: {', '.join(WEIGHT_INITS)}")
+    fc_hidden = (net.fc6, net.fc7)
+    if scheme == "torch":
+        for module in net.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                module.reset_parameters()
+        return
+    if scheme == "he-torchfc":
+        for fc in fc_hidden:
+            fc.reset_parameters()
+    elif scheme in ("he-smallfc", "he"):  # the convs got theirs when built: only model.layers knows what follows each
+        for fc in fc_hidden:
+            if scheme == "he":
+                nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+            else:
+                nn.init.normal_(fc.weight, std=0.005)
+            nn.init.zeros_(fc.bias)
+    else:
+        for stage, block in net.features.named_children():
+            for conv in (m for m in block.modules() if isinstance(m, nn.Conv3d)):
+                nn.init.normal_(conv.weight, std=0.01)
+                if conv.bias is not None:
+                    nn.init.constant_(conv.bias, 0.0 if stage == "conv1" else 1.0)
+        for fc in fc_hidden:
+            nn.init.normal_(fc.weight, std=0.005)
+            nn.init.constant_(fc.bias, 1.0)
+    nn.init.normal_(net.fc8.weight, std=0.01)  # small logits at start: the loss begins near log(classes)
+    nn.init.zeros_(net.fc8.bias)
+
+
 class Net3D(nn.Module):
     """A network built from a :class:`NetworkSpec`. Input ``(B, in_channels, *clip)`` -> logits ``(B, classes)``.
 
@@ -203,6 +251,7 @@ class Net3D(nn.Module):
         batch_norm: bool,
         dropout: float,
         relu_inside_asym: bool,
+        weight_init: str = "he-torchfc",
     ) -> None:
         super().__init__()
         if num_classes < 1 or in_channels < 1:
@@ -219,6 +268,7 @@ class Net3D(nn.Module):
             "batch_norm": batch_norm,
             "dropout": dropout,
             "relu_inside_asym": relu_inside_asym,
+            "weight_init": weight_init,
         }
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels = in_channels
@@ -236,11 +286,7 @@ class Net3D(nn.Module):
         self.fc8 = nn.Linear(fc7, num_classes)
         self.relu = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout)
-        for fc in (self.fc6, self.fc7):
-            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
-            nn.init.zeros_(fc.bias)
-        nn.init.normal_(self.fc8.weight, std=0.01)  # small logits at start: the loss begins near log(classes)
-        nn.init.zeros_(self.fc8.bias)
+        init_weights(self, weight_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).flatten(1)
@@ -257,11 +303,14 @@ def build_model(
     batch_norm: bool = False,
     dropout: float = 0.5,
     relu_inside_asym: bool = False,
+    weight_init: str = "he-torchfc",
 ) -> Net3D:
     """Build a registered network for clips of ``in_channels x clip`` (T, H, W); fc6's input follows from ``clip``.
 
     ``batch_norm`` adds BatchNorm3d after every convolution (off in the paper); ``relu_inside_asym`` puts a ReLU
-    between the stages of each asymmetric cascade (eq. 6 has none). Unknown names raise :class:`UnknownModelError`.
+    between the stages of each asymmetric cascade (eq. 6 has none); ``weight_init`` names a scheme of
+    :data:`WEIGHT_INITS`. Unknown names raise :class:`UnknownModelError`.
     """
-    return Net3D(get_spec(name), num_classes, in_channels, tuple(clip), batch_norm, dropout, relu_inside_asym)
+    return Net3D(get_spec(name), num_classes, in_channels, tuple(clip), batch_norm, dropout, relu_inside_asym,
+                 weight_init)
 

@@ -179,7 +179,8 @@ class _Run:
         shards.close()  # workers fork from here: each must open its own HDF5 handles
 
         self.net = build_model(cfg.model, num_classes=len(self.classes), in_channels=3,
-                               clip=(cfg.clip_len, cfg.crop, cfg.crop), batch_norm=cfg.batch_norm, dropout=cfg.dropout)
+                               clip=(cfg.clip_len, cfg.crop, cfg.crop), batch_norm=cfg.batch_norm, dropout=cfg.dropout,
+                               weight_init=cfg.weight_init)
         # the checkpoint's architecture is the network's own record of how it was built (model.networks.Net3D.arch)
         self.model_kwargs = {k: list(v) if k == "clip" else v for k, v in self.net.arch.items() if k != "name"}
         if cfg.init and resume is None:

@@ -172,6 +172,50 @@ def test_arch_rebuilds_the_same_network() -> None:
     torch.testing.assert_close(again(x), net(x))
 
 
+def test_weight_init_schemes_fill_as_documented() -> None:
+    def build(scheme: str) -> model.Net3D:
+        torch.manual_seed(0)
+        return model.build_model("c3d-b5", num_classes=4, clip=SMALL_CLIP, weight_init=scheme)
+
+    def conv(net: model.Net3D, stage: str) -> nn.Conv3d:
+        return getattr(net.features, stage).columns[0][0][0]
+
+    default = model.build_model("c3d-b5", num_classes=4, clip=SMALL_CLIP)
+    assert default.arch["weight_init"] == model.WEIGHT_INITS[0] == "he-torchfc"
+    nets = {scheme: build(scheme) for scheme in model.WEIGHT_INITS}
+    he_conv2 = conv(nets["he"], "conv2").weight
+    assert he_conv2.std().item() == pytest.approx(math.sqrt(2 / (64 * 27)), rel=0.05)  # He, ReLU gain
+    fan_in = nets["he"].fc6.in_features
+    for scheme in ("he-torchfc", "he-smallfc"):  # the same He convs; only fc6/fc7 differ
+        torch.testing.assert_close(conv(nets[scheme], "conv2").weight, he_conv2)
+    assert nets["he"].fc6.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+    assert nets["he-torchfc"].fc6.weight.abs().max().item() <= 1 / math.sqrt(fan_in)  # PyTorch: U(+-1/sqrt(fan_in))
+    assert nets["he-smallfc"].fc6.weight.std().item() == pytest.approx(0.005, rel=0.05)
+    c3d = nets["c3d"]
+    assert conv(c3d, "conv2").weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert not conv(c3d, "conv1").bias.any() and (conv(c3d, "conv2").bias == 1).all() and (c3d.fc7.bias == 1).all()
+    assert c3d.fc7.weight.std().item() == pytest.approx(0.005, rel=0.05) and not c3d.fc8.bias.any()
+    assert conv(nets["torch"], "conv2").weight.abs().max().item() <= 1 / math.sqrt(64 * 27)
+    with pytest.raises(ValueError, match="he-torchfc"):
+        build("xavier")
+
+
+def test_default_init_starts_with_a_small_gradient() -> None:
+    """Issue 16: He-normal fc6/fc7 give a first gradient norm several times the default's (loss spikes follow)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, *SMALL_CLIP), torch.tensor([0, 1, 2, 3])
+    norms = {}
+    for scheme in ("he-torchfc", "he"):
+        torch.manual_seed(0)
+        net = model.build_model("asym3d", num_classes=4, clip=SMALL_CLIP, dropout=0.0, weight_init=scheme)
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        norms[scheme] = torch.cat([p.grad.flatten() for p in net.parameters()]).norm().item()
+        if scheme == "he-torchfc":
+            assert loss.item() == pytest.approx(math.log(4), abs=0.05)  # logits start near zero
+    assert norms["he"] > 3 * norms["he-torchfc"]
+
+
 def test_fc6_follows_clip_and_small_clips_fail_clearly() -> None:
     assert model.build_model("c3d-b5", clip=(16, 112, 112)).fc6.in_features == 256 * 1 * 4 * 4
     assert model.build_model("c3d-b5", clip=(32, 64, 80)).fc6.in_features == 256 * 2 * 3 * 3

@@ -90,7 +90,7 @@ def config(shards: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
-    result = train(config(shards, tmp_path / "run", epochs=5, dropout=0.0, lr=0.003))
+    result = train(config(shards, tmp_path / "run", epochs=5, dropout=0.0, lr=0.01))
     history = result["history"]
     assert len(history) == 5
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
@@ -103,7 +103,8 @@ def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 5 and state["classes"] == ["warm_right", "cool_left"]
     assert state["model_kwargs"] == {"num_classes": 2, "in_channels": 3, "clip": [16, 16, 16],
-                                     "batch_norm": False, "dropout": 0.0, "relu_inside_asym": False}
+                                     "batch_norm": False, "dropout": 0.0, "relu_inside_asym": False,
+                                     "weight_init": "he-torchfc"}
     assert state["config"]["input"] == "rgb" and state["config"]["crop"] == 16
     assert len(state["normalization"]["mean"]) == 3 and min(state["normalization"]["std"]) > 1
     best = load_checkpoint(run / "best.pt")
