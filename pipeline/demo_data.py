@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 
 from pipeline.decode import ffmpeg_exe
 from pipeline.errors import Asym3dError
+from pipeline.store import atomic_output
 
 __all__ = [
     "CLASS_NAMES",
@@ -315,31 +315,27 @@ def render_video(
 def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
     """Encode frames to ``path`` (MPEG-4 part 2 in AVI at high quality), via a temporary name renamed when done."""
     t, h, w, _ = frames.shape
-    partial = path.with_name(path.name + ".part")
-    stream = (
-        ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
-        .output(str(partial), format="avi", vcodec="mpeg4", pix_fmt="yuv420p", threads=1, flags="+bitexact",
-                fflags="+bitexact", **{"q:v": 2, "frames:v": t})
-        .global_args("-nostdin", "-v", "error", "-y")
-    )
-    try:
-        proc = subprocess.run(ffmpeg.compile(stream, cmd=ffmpeg_exe()), input=frames.tobytes(), capture_output=True,
-                              timeout=ENCODE_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        partial.unlink(missing_ok=True)
-        raise DemoDataError(f"{path}: ffmpeg timed out after {ENCODE_TIMEOUT_S:g} s") from None
-    if proc.returncode != 0:
-        partial.unlink(missing_ok=True)
-        reason = " ".join(proc.stderr.decode("utf-8", "replace").split())[:240]
-        raise DemoDataError(f"{path}: ffmpeg failed (exit {proc.returncode}): {reason}")
-    os.replace(partial, path)
+    with atomic_output(path) as partial:  # the format is named, so the temporary name's suffix does not matter
+        stream = (
+            ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
+            .output(str(partial), format="avi", vcodec="mpeg4", pix_fmt="yuv420p", threads=1, flags="+bitexact",
+                    fflags="+bitexact", **{"q:v": 2, "frames:v": t})
+            .global_args("-nostdin", "-v", "error", "-y")
+        )
+        try:
+            proc = subprocess.run(ffmpeg.compile(stream, cmd=ffmpeg_exe()), input=frames.tobytes(),
+                                  capture_output=True, timeout=ENCODE_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise DemoDataError(f"{path}: ffmpeg timed out after {ENCODE_TIMEOUT_S:g} s") from None
+        if proc.returncode != 0:
+            reason = " ".join(proc.stderr.decode("utf-8", "replace").split())[:240]
+            raise DemoDataError(f"{path}: ffmpeg failed (exit {proc.returncode}): {reason}")
 
 
 def _write_crlf(path: Path, lines: list[str]) -> None:
     """Write lines with CRLF ends, as the official UCF-101 split files have; temporary name, then rename."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_bytes("".join(line + "\r\n" for line in lines).encode("ascii"))
-    os.replace(partial, path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes("".join(line + "\r\n" for line in lines).encode("ascii"))
 
 
 def _check_output_dir(out: Path, params: dict[str, object]) -> None:
