@@ -37,10 +37,6 @@ class Runtime:
         """channels_last_3d with bf16 (the GPU path), contiguous with float32."""
         return torch.channels_last_3d if self.dtype is not None else torch.contiguous_format
 
-    @property
-    def name(self) -> str:
-        return "bf16" if self.dtype is not None else "fp32"
-
     def prepare(self, net: nn.Module) -> nn.Module:
         return net.to(self.device, memory_format=self.memory_format)
 
