@@ -197,8 +197,8 @@ def _tvl1_options(func):
 
     defaults = TVL1Params()
     for flag, name, kind, text in reversed(_TVL1_OPTIONS):
-        func = click.option(flag, name, type=_Finite() if kind is float else kind, default=getattr(defaults, name), show_default=True,
-                            help=f"TV-L1: {text}")(func)
+        func = click.option(flag, name, type=_Finite() if kind is float else kind, default=getattr(defaults, name),
+                            show_default=True, help=f"TV-L1: {text}")(func)
     return func
 
 

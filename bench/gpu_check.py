@@ -484,8 +484,8 @@ def section_loader(ctx: Context, sec: Section) -> None:
             if not sec.has_time(f"loader with {workers} workers"):
                 break
             rate = loader_rate(ctx.inputs / "shards", workers, ctx.plan.loader_batches)
-            sec.lines.append("| " + " | ".join([str(workers), f"{rate:.1f}", *(f"{rate / d:.2f}" for d in demand.values())])
-                             + " |")
+            cells = [str(workers), f"{rate:.1f}", *(f"{rate / d:.2f}" for d in demand.values())]
+            sec.lines.append("| " + " | ".join(cells) + " |")
             log(f"loader: {workers} workers: {rate:.1f} clips/s")
     finally:
         torch.set_num_threads(os.cpu_count() or 1)

@@ -2,8 +2,9 @@
 
 Frames are uint8 arrays ``(T, H, W, C)`` as the training shards store them, and stay uint8 until they reach the
 device the network runs on; tensors handed to networks are float ``(C, T, H, W)``, made there by
-:func:`network_input` and :func:`test_views`. Flow images store u in channel 0 as ``127.5 + u * 127.5 / bound`` (see ``pipeline.rgbf``), so a
-horizontal flip, which negates horizontal motion, maps channel 0 to ``255 - value`` exactly.
+:func:`network_input` and :func:`protocol_views`. Flow images store u in channel 0 as ``127.5 + u * 127.5 / bound``
+(see ``pipeline.rgbf``), so a horizontal flip, which negates horizontal motion, maps channel 0 to ``255 - value``
+exactly.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def normalise(clips: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     return x.sub_(mean.view(1, -1, 1, 1, 1)).div_(std.view(1, -1, 1, 1, 1))
 
 
-def test_views(clips: torch.Tensor, positions: list[tuple[int, int]], size: int, mirrored: bool, modality: str,
+def protocol_views(clips: torch.Tensor, positions: list[tuple[int, int]], size: int, mirrored: bool, modality: str,
                mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """The evaluation views of whole-frame uint8 clips ``(N, T, H, W, C)``: ``(N * V, C, T, size, size)`` normalised.
 

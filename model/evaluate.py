@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.store import ShardSet, StoreError, VideoEntry
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-from .clips import clip_indices, crop_positions, evenly_spaced_starts, test_views
+from .clips import clip_indices, crop_positions, evenly_spaced_starts, protocol_views
 from .reports import write_reports
 from .results import EvaluationError, SplitResult
 from .runtime import Runtime
@@ -77,7 +77,7 @@ class ClipViews(Dataset):
     def views(self, clips: torch.Tensor) -> torch.Tensor:
         """The views of a batch of clips ``(N, T, H, W, C)`` uint8, on their device: ``(N * V, C, T, S, S)``."""
         mean, std = (torch.tensor(v, dtype=torch.float32, device=clips.device) for v in (self.mean, self.std))
-        return test_views(clips, self.positions, self.crop_size, self.crops == 10, self.field_name, mean, std)
+        return protocol_views(clips, self.positions, self.crop_size, self.crops == 10, self.field_name, mean, std)
 
 
 @dataclass

@@ -134,14 +134,11 @@ def process_shard(task: ShardTask) -> ShardResult:
     path = task.out_dir / shard_name(task.index)
     keep: dict[str, str] = {}  # video id -> key of a finished video in the existing shard
     if path.exists():
-        with open_shard(path) as f:
-            try:
-                failed = f.attrs.get("failures", "[]") != "[]"
-                if not (task.retry_failed and failed):
-                    return _existing_result(task.index, f)
-                keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
-            except (OSError, KeyError, ValueError) as exc:
-                raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
+        with _reading(path) as f:
+            failed = f.attrs.get("failures", "[]") != "[]"
+            if not (task.retry_failed and failed):
+                return _existing_result(task.index, f)
+            keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
     backend = task.cfg.make_backend()
     recorded = {**task.recorded, **backend_record(backend)}
     ok = frames_done = 0
@@ -211,9 +208,16 @@ def process_chained(task: ChainedTask) -> ShardResult:
 
 def _shard_result(path: Path, index: int) -> ShardResult:
     """A complete shard's videos and failures (a training shard's failures include its flow shard's)."""
+    with _reading(path) as f:
+        return _existing_result(index, f)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[h5py.File]:
+    """An existing shard opened for reading; what a damaged one raises while read becomes one DamagedError line."""
     with open_shard(path) as f:
         try:
-            return _existing_result(index, f)
+            yield f
         except (OSError, KeyError, ValueError) as exc:
             raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
 
@@ -228,9 +232,9 @@ def _drop_flow(flow_path: Path, train: FollowOn) -> None:
 
 
 def _ran(backend) -> str:
-    """What computed a shard, for the summary: e.g. "torch on cuda:0 (compiled)" or "cpu"."""
-    solver = getattr(backend, "solver", None)
-    return backend.name + (f" on {backend.device}" if solver else "") + (f" ({solver})" if solver else "")
+    """What computed a shard, for the summary (from its record): e.g. "torch on cuda:0 (compiled)" or "cpu"."""
+    ran = backend_record(backend)
+    return ran["backend"] + (f" on {ran['device']} ({ran['solver']})" if "solver" in ran else "")
 
 
 def decode_ahead(records: list[VideoRecord], cfg: DecodeConfig, threads: int = DECODE_THREADS
