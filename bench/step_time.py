@@ -7,16 +7,20 @@ load hits every net alike. The time ratio (fastest variant step / fastest baseli
 ideal speed-up. Wall time and this process's CPU time are both reported: on a machine shared with other work the
 CPU-time ratio is the steadier of the two.
 
+``--sgd`` adds the optimizer's share: each family's baseline and variants stepped with PyTorch's default
+(multi-tensor) SGD and with the fused SGD the trainer uses (one kernel for every parameter), side by side.
+
 ``--stages`` adds a per-stage breakdown (forward + backward of each conv stage and its pool alone, at that stage's
 input size) for the baseline and the last variant named of each family (by default its -345 variant): it shows
 where the time goes and how fast a cascade runs per MAC compared with the 3x3x3 layer it replaces.
 
     .venv/bin/python bench/step_time.py --batch 2 --clip 16x56x56 --iters 3 --threads 2 [--channels-last]
-        [--compile] [--stages] [--variants b5-asyConv345,b8-asyConv345] [--device cuda]  # AMP on by default on CUDA
+        [--compile] [--stages] [--sgd] [--variants b5-asyConv345,b8-asyConv345] [--device cuda]  # AMP on by default on CUDA
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 from collections.abc import Callable
@@ -72,10 +76,10 @@ def make_input(shape: tuple[int, ...], args: argparse.Namespace) -> torch.Tensor
     return x.contiguous(memory_format=torch.channels_last_3d) if args.channels_last else x
 
 
-def train_step(net: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
-    """A closure running one SGD training step of ``net`` on a fixed random batch."""
+def train_step(net: nn.Module, args: argparse.Namespace, fused: bool = True) -> Callable[[], None]:
+    """A closure running one SGD training step of ``net`` on a fixed random batch (fused SGD, as the trainer)."""
     net = prepare(net, args)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4, fused=fused)
     x = make_input((args.batch, 3, *args.clip), args)
     y = torch.randint(0, 101, (args.batch,), device=args.device)
 
@@ -87,6 +91,20 @@ def train_step(net: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
         opt.step()
 
     return step
+
+
+def bench_sgd(names: list[str], args: argparse.Namespace) -> None:
+    """Step time with the default (foreach) SGD against the fused SGD, per network, timed round-robin."""
+    print(f"\n{'network':<15} {'params M':>8} {'foreach ms':>10} {'fused ms':>9} {'time ratio':>10} "
+          f"{'CPU-time ratio':>14}")
+    for name in names:
+        net = model.build_model(name, clip=args.clip)
+        params = sum(p.numel() for p in net.parameters())
+        steps = {fused: train_step(copy.deepcopy(net), args, fused=fused) for fused in (False, True)}
+        times = round_robin(steps, args.iters, args.warmup, args.device)
+        (plain_wall, plain_cpu), (wall, cpu) = times[False], times[True]
+        print(f"{name:<15} {params / 1e6:>8.1f} {plain_wall * 1e3:>10.0f} {wall * 1e3:>9.0f} "
+              f"{wall / plain_wall:>10.2f} {cpu / plain_cpu:>14.2f}")
 
 
 def stage_step(block: nn.Module, in_shape: tuple[int, ...], args: argparse.Namespace) -> Callable[[], None]:
@@ -160,6 +178,7 @@ def main() -> None:
     parser.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                         help="bfloat16 autocast; auto = on for CUDA, off for CPU")
     parser.add_argument("--stages", action="store_true", help="also a per-stage breakdown of each family")
+    parser.add_argument("--sgd", action="store_true", help="also default vs fused SGD for every net")
     parser.add_argument("--variants", default=",".join(n for n in model.list_models() if "asyConv" in n),
                         help="comma-separated networks (default: every b5 and b8 asymmetric variant)")
     args = parser.parse_args()
@@ -178,6 +197,8 @@ def main() -> None:
         bench_steps(baseline, members, args)
         if args.stages:
             bench_stages(baseline, members[-1], args)
+        if args.sgd:
+            bench_sgd([baseline, *members], args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import Asym3dError
-from pipeline.store import StoreError, write_bytes_atomic
+from pipeline.store import StoreError, link_atomic, write_bytes_atomic
 
 REQUIRED_KEYS = ("model_name", "model_kwargs", "model_state", "epoch", "config", "normalization", "classes")
 
@@ -36,18 +36,24 @@ class CheckpointError(Asym3dError):
     """A checkpoint that is missing, unreadable, or not an asym3d checkpoint; the message names the file."""
 
 
-def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path | str, state: dict[str, Any], *, also: Path | str | None = None) -> None:
     """Write ``state`` to ``path`` under a temporary name, then rename: a crash, a full disk or a read-only
-    filesystem never leaves a truncated file, and the previous ``path`` stays as it was.
+    filesystem never leaves a truncated file, and the previous ``path`` stays as it was. ``also``, when given,
+    becomes a second name for the same file once ``path`` is written (a hard link: the trainer's best.pt and
+    last.pt of an improving epoch are one write of hundreds of MB, not two).
 
     Serialised in memory first: ``torch.save`` reports a failed write as an opaque RuntimeError ("unexpected
     pos"), while a plain file write names the reason. Raises :class:`CheckpointError` naming the file."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    target = Path(path)
     try:
-        write_bytes_atomic(path, buffer.getbuffer())
+        write_bytes_atomic(target, buffer.getbuffer())
+        if also is not None:
+            target = Path(also)
+            link_atomic(path, target)
     except StoreError as err:
-        raise CheckpointError(f"{err}; the previous {Path(path).name} is unchanged") from None
+        raise CheckpointError(f"{err}; the previous {target.name} is unchanged") from None
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Why it exists: a newcomer must be able to run the whole road (extract-flow, buil
 on a laptop, and a reviewer must be able to check the paper's claim -- motion information (flow, RGBF) helps a 3D
 CNN -- on data anyone can regenerate. So the classes are built to be separable *only* through motion:
 
-- every video shows a smooth-noise background (one per group ``gXX``, the "scene", shared by all classes), 1-3
-  random textured polygons, a small random camera jitter and per-frame pixel noise;
+- every video shows a smooth-noise background (one per group ``gXX``, the "scene", shared by all classes), 2-3
+  large random textured polygons, each dark or bright against the mid-tone scene, a small random camera jitter and
+  per-frame pixel noise;
 - the classes differ only in how the objects move (:data:`MOTIONS`): translation up/down/right/left (wrapping around
   the frame, so the direction stays constant and objects stay visible), zoom in/out (the size wraps around its
   range, like the translations' positions), oscillation, none, or rotation clockwise/counter-clockwise;
@@ -193,7 +194,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     base = rng.uniform(70, 180, size=3).astype(np.float32)
     coarse = _smooth_noise(rng, height, width, min(height, width) / 10, 3)
     fine = _smooth_noise(rng, height, width, min(height, width) / 40, 3)
-    return np.clip(base + 30.0 * coarse + 12.0 * fine, 0, 255)
+    return np.clip(base + 15.0 * coarse + 6.0 * fine, 0, 255)
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,8 @@ class _Sprite:
 
 
 def _sprite(rng: np.random.Generator, min_side: int) -> _Sprite:
-    """A random textured polygon (3-7 irregular corners, so rotation is visible) in a random colour."""
-    nominal = rng.uniform(0.10, 0.16) * min_side
+    """A random textured polygon (3-7 irregular corners, so rotation is visible), dark or bright."""
+    nominal = rng.uniform(0.22, 0.32) * min_side
     r_max = nominal * math.exp(_LOG_SCALE_HALF_RANGE)
     side = 2 * math.ceil(r_max) + 3  # any rotation of the polygon stays inside the patch
     centre = (side - 1) / 2
@@ -219,7 +220,10 @@ def _sprite(rng: np.random.Generator, min_side: int) -> _Sprite:
     mask = np.zeros((side, side), np.uint8)
     cv2.fillPoly(mask, [np.round(points * (1 << shift)).astype(np.int32)], 255, cv2.LINE_AA, shift)
     alpha = mask.astype(np.float32) / 255.0
-    colour = rng.uniform(20, 235, size=3).astype(np.float32)
+    # Dark or bright, never mid-tone like the scene: the object stands out in luma, which JPEG keeps at full
+    # resolution (4:2:0 halves colour), so RGB alone can see the motion (BENCHMARKS.md, "make demo").
+    bright = rng.random() < 0.5
+    colour = (rng.uniform(195, 245, size=3) if bright else rng.uniform(10, 60, size=3)).astype(np.float32)
     texture = _smooth_noise(rng, side, side, max(1.0, side / 12), 1)  # texture: motion is visible inside too
     rgb = np.clip(colour * (1.0 + 0.3 * texture), 0, 255)
     return _Sprite(np.dstack([rgb * alpha[..., None], alpha]), nominal)
@@ -292,7 +296,7 @@ def render_video(
     canvas_hw = (height + 2 * margin, width + 2 * margin)
     background = _background(np.random.default_rng(background_seed), *canvas_hw)
     rng = np.random.default_rng(video_seed)
-    sprites = [_sprite(rng, min(height, width)) for _ in range(int(rng.integers(1, 4)))]
+    sprites = [_sprite(rng, min(height, width)) for _ in range(int(rng.integers(2, 4)))]
     tracks = [_object_track(motion, rng, frames, canvas_hw, s.nominal_radius) for s in sprites]
 
     jitter = np.zeros((frames, 2))
@@ -388,7 +392,7 @@ def make_demo_dataset(
         raise DemoDataError(f"fps must be positive, got {fps}")
     plan = plan_videos(classes, videos_per_class, groups)
     params: dict[str, object] = dict(classes=classes, videos_per_class=videos_per_class, groups=groups,
-                                     frames=frames, height=height, width=width, fps=fps, seed=seed, version=3)
+                                     frames=frames, height=height, width=width, fps=fps, seed=seed, version=4)
     _check_output_dir(out, params)
 
     video_root, split_dir = out / "videos", out / "splits"

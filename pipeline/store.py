@@ -26,9 +26,11 @@ CRC-32 per frame, itself fletcher32-checked), compared on every read. :mod:`pipe
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import platform
+import shutil
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,6 +111,20 @@ def write_text_atomic(path: Path | str, text: str) -> None:
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
+
+
+def link_atomic(source: Path | str, path: Path | str) -> None:
+    """Give ``path`` the contents of ``source`` without writing them again: a hard link, renamed into place.
+
+    Only for files that are replaced by rename, never changed in place (everything :func:`atomic_output` writes):
+    the two names then part when either is next rewritten. A filesystem without hard links gets a copy."""
+    with atomic_output(path) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            shutil.copyfile(source, tmp)
 
 
 def read_json(path: Path | str) -> Any:

@@ -6,17 +6,18 @@
 #
 # THIS IS NOT THE PAPER'S PROTOCOL. Everything is shrunk to fit ~10 minutes on a 2-core laptop CPU:
 #   data      4 classes (the demo generator's first four: translate up/down, static, oscillate; chance 25%), 18 videos per class
-#             in 6 groups (split N tests groups 2N-1, 2N: 48 train / 24 test videos per split), 20 frames of 40x53
+#             in 18 groups (scenes; split N tests the N-th third: 48 train / 24 test videos per split), 20 frames of 40x53
 #             pixels per video                                  (paper: UCF-101, 13,320 videos at 128x171)
 #   flow      OpenCV TV-L1 on the CPU with its default parameters (the paper's flow), at 40x53
 #   network   asym3d from the registry, on 16x32x32 clips        (paper: 16x112x112)
 #             + BatchNorm after every conv (--batch-norm, not in the paper), dropout 0.2 (paper 0.5), the trainer's
 #               default initialisation (--weight-init he-torchfc; the paper's Caffe fillers are --weight-init c3d;
 #               why: BENCHMARKS.md, "Training from scratch")
-#   training  from scratch, 12 epochs of one clip per video, batch 4, SGD lr 1e-3 constant
+#   training  from scratch, 12 epochs of one clip per video, batch 4, SGD lr 3e-3 constant
 #                                                                (paper: pre-training on FCVID, then fine-tuning)
 #   testing   3 clips x 10 crops per video                       (paper: 25 clips x 10 crops)
-# At this budget RGB stays at chance while RGBF reaches ~2.3x chance (BENCHMARKS.md, "make demo").
+# Every input ends above 2x chance on every split's mean (the measured table, and why the data and the learning rate
+# are what they are: BENCHMARKS.md, "make demo").
 # The paper's horizontal-flip augmentation (training and the mirrored test crops) turns TranslateRight into
 # TranslateLeft (and RotateCW into RotateCCW), so the generator lists the mirror-symmetric motions first.
 #
@@ -28,7 +29,7 @@ OUT=${1:-demo_out}
 
 CLASSES=4
 VIDEOS_PER_CLASS=18
-SCENE_GROUPS=6
+SCENE_GROUPS=18
 FRAMES=20
 SIZE=40x53
 SEED=0
@@ -37,13 +38,13 @@ WEIGHT_INIT=he-torchfc
 CLIP=16x32x32
 EPOCHS=12
 BATCH=4
-LR=1e-3
+LR=3e-3
 DROPOUT=0.2
 CLIPS=3
 CROPS=10
 SPLITS=(1 2 3)
 
-SETTINGS="generator=3 classes=$CLASSES videos_per_class=$VIDEOS_PER_CLASS groups=$SCENE_GROUPS frames=$FRAMES size=$SIZE seed=$SEED \
+SETTINGS="generator=4 classes=$CLASSES videos_per_class=$VIDEOS_PER_CLASS groups=$SCENE_GROUPS frames=$FRAMES size=$SIZE seed=$SEED \
 model=$MODEL weight_init=$WEIGHT_INIT clip=$CLIP epochs=$EPOCHS batch=$BATCH lr=$LR dropout=$DROPOUT batch_norm=1 clips=$CLIPS crops=$CROPS"
 
 DATA=$OUT/data

@@ -102,7 +102,7 @@ def test_loader_vs_trainer() -> None:
 
 def test_step_time() -> None:
     out = run_bench("step_time.py", "--batch", "1", "--clip", "16x16x16", "--iters", "1", "--warmup", "0",
-                    "--variants", "b5-asyConv345", "--stages")
+                    "--variants", "b5-asyConv345", "--stages", "--sgd")
     assert re.search(r"^network +GMACs +MAC ratio +step ms +time ratio +CPU-time ratio$", out, re.MULTILINE)
     baseline, variant = row(out, "c3d-b5 "), row(out, "b5-asyConv345 ")
     assert number(baseline[2]) == 1.0 and number(baseline[4]) == 1.0 and number(baseline[3]) > 0
@@ -110,6 +110,9 @@ def test_step_time() -> None:
     assert "per stage (forward+backward, conv block + pool): c3d-b5 vs b5-asyConv345" in out
     conv3 = row(out, "conv3 ")
     assert number(conv3[4]) < 1.0 and number(conv3[5]) > 0  # share, GMACs base, variant, MAC ratio, time ratio
+    assert re.search(r"^network +params M +foreach ms +fused ms +time ratio +CPU-time ratio$", out, re.MULTILINE)
+    sgd = [line.split() for line in out.splitlines() if line.startswith("b5-asyConv345 ")][-1]
+    assert len(sgd) == 6 and all(number(cell) > 0 for cell in sgd[1:])
 
 
 def test_storage() -> None:

@@ -349,7 +349,7 @@ def test_training_on_a_full_disk_keeps_its_checkpoints_and_resumes(tmp_path: Pat
               f"print(l('{disk}/run/best.pt')['epoch'], l('{disk}/run/last.pt')['epoch'])\"")
     evaluate = " ".join(_cli("evaluate", str(disk / "run"), "--splits", "1", "--checkpoint", str(disk / "run/best.pt"),
                              "--clips", "1", "--crops", "1", "--device", "cpu"))
-    # 200 MB holds the two 75 MB checkpoints of epoch 1 but not a third file beside them during epoch 2
+    # 120 MB holds epoch 1's 75 MB checkpoint (best.pt and last.pt are one file) but not epoch 2's beside it
     result = _in_tmpfs(tmp_path, f"""
         {train} >{log}.full.out 2>{log}.full.err; echo $? >{log}.full.rc
         {epochs} >{log}.epochs1; ls {disk}/run >{log}.ls
@@ -358,7 +358,7 @@ def test_training_on_a_full_disk_keeps_its_checkpoints_and_resumes(tmp_path: Pat
         {epochs} >{log}.epochs2
         mount -o remount,ro {disk}
         {evaluate} >{log}.ro.out 2>{log}.ro.err; echo $? >{log}.ro.rc
-        """, size="200m")
+        """, size="120m")
     assert result.returncode == 0, result.stderr
 
     def read(name: str) -> str:

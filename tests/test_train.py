@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cli import main
 from model.clips import clip_indices, network_input
-from model.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
+from model.checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from model.data import CentreClips, DataError, TrainClips, View, open_training_shards, split_videos
 from model.runtime import Runtime
 from model.config import make_config
@@ -109,6 +109,8 @@ def test_overfits_two_classes(shards: Path, tmp_path: Path) -> None:
     assert len(state["normalization"]["mean"]) == 3 and min(state["normalization"]["std"]) > 1
     best = load_checkpoint(run / "best.pt")
     assert best["metrics"]["val_acc"] == result["best_acc"] == max(r["val_acc"] for r in history)
+    # an improving epoch writes its checkpoint once, under both names
+    assert (run / "best.pt").samefile(run / "last.pt") == (result["best_epoch"] == 5)
 
     # 100% on the training videos with the saved model, normalisation and centre clips (eval mode, no dropout)
     net = build_model_from_checkpoint(state).eval()
@@ -251,6 +253,18 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     torch.save({"model_name": "c3d-b5"}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match="partial.pt: not an asym3d checkpoint"):
         load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_one_write_gives_best_and_last_and_a_later_write_parts_them(tmp_path: Path) -> None:
+    base = dict(model_name="c3d-b5", model_kwargs={}, config={}, normalization={}, classes=[])
+    save_checkpoint(tmp_path / "best.pt", dict(base, epoch=1, model_state={"w": torch.ones(3)}),
+                    also=tmp_path / "last.pt")
+    assert (tmp_path / "best.pt").samefile(tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    save_checkpoint(tmp_path / "last.pt", dict(base, epoch=2, model_state={"w": torch.zeros(3)}))
+    assert not (tmp_path / "best.pt").samefile(tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
 
 
 def test_schedule_presets() -> None:
