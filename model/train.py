@@ -354,7 +354,8 @@ class _Run:
             metrics = {**row, **self.best, "best_on": "val" if has_val else "train", "history": self.history}
             if self.env.main:
                 state = self._state(epoch + 1, metrics)
-                # best.pt first: last.pt must never name a best epoch whose best.pt was not written
+                # best.pt first, then last.pt as a second name for it: last.pt must never name a best epoch whose
+                # best.pt was not written
                 if improved:
                     save_checkpoint(self.out / "best.pt", state, also=self.out / "last.pt")
                 else:
