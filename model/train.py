@@ -345,6 +345,11 @@ class _Run:
             lr = self.optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch + 1, "lr": lr, **self._train_epoch(epoch), **self._validate()}
             row = {key: row[key] for key in METRIC_COLUMNS}
+            if not math.isfinite(row["train_loss"]):  # summed over every rank, so all of them stop here together
+                kept = f"last.pt keeps epoch {epoch}" if epoch else "no checkpoint was written"
+                raise TrainError(f"{self.out}: training diverged in epoch {epoch + 1} (loss {row['train_loss']}); "
+                                 f"its weights are not saved, {kept}. Start again with a lower --lr (or "
+                                 "--precision fp32)")
             self.scheduler.step()
             self.history.append(row)
             score = row["val_acc"] if has_val else row["train_acc"]

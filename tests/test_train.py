@@ -255,6 +255,25 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "partial.pt")
 
 
+def test_a_diverged_run_stops_in_one_line_and_keeps_the_last_finite_checkpoint(shards: Path, one_epoch_run: Path,
+                                                                               tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match=r"training diverged in epoch 1 \(loss (nan|inf)\); its weights are not "
+                                         r"saved, no checkpoint was written. Start again with a lower --lr"):
+        train(config(shards, tmp_path / "fresh", lr=1e12))
+    assert not (tmp_path / "fresh" / "last.pt").exists()
+    # a run that was fine for an epoch keeps that epoch: the resumed copy takes a learning rate that diverges
+    run = tmp_path / "resumed"
+    shutil.copytree(one_epoch_run, run)
+    state = load_checkpoint(run / "last.pt")
+    for group in state["optimizer_state"]["param_groups"]:
+        group["lr"] = group["initial_lr"] = 1e12
+    save_checkpoint(run / "last.pt", state)
+    finished = (run / "last.pt").read_bytes()
+    with pytest.raises(TrainError, match="diverged in epoch 2 .*last.pt keeps epoch 1"):
+        train(config(shards, run, epochs=2, resume=True))
+    assert (run / "last.pt").read_bytes() == finished
+
+
 def test_one_write_gives_best_and_last_and_a_later_write_parts_them(tmp_path: Path) -> None:
     base = dict(model_name="c3d-b5", model_kwargs={}, config={}, normalization={}, classes=[])
     save_checkpoint(tmp_path / "best.pt", dict(base, epoch=1, model_state={"w": torch.ones(3)}),
