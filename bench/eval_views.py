@@ -68,7 +68,7 @@ def preparation_rates(shards: ShardSet, clips: int) -> tuple[tuple[float, float]
     """Views/s of (reading the uint8 clips, what loader workers do) and (building the views from them on the CPU)."""
     views = clip_views(shards, clips)
     with Timer() as read:
-        batch = torch.stack([views[i][1] for i in range(len(views))])
+        batch = torch.stack([views[i]["clip"] for i in range(len(views))])
     with Timer() as build:
         n = views.views(batch).shape[0]
     return (n / read.wall, n / read.cpu), (n / build.wall, n / build.cpu)

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from pipeline.devices import check_device
 from pipeline.errors import ConfigError
-from pipeline.store import ShardSet, StoreError, VideoEntry
+from pipeline.store import DamagedError, ShardSet, StoreError, VideoEntry
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from .clips import clip_indices, crop_positions, evenly_spaced_starts, protocol_views
+from .data import collate_readable
 from .reports import write_reports
 from .results import EvaluationError, SplitResult
 from .runtime import Runtime
@@ -39,7 +40,9 @@ CROP_CHOICES = (1, 10)
 
 
 class ClipViews(Dataset):
-    """Item ``i`` = one clip of one video -> ``(video position, clip)``, the clip uint8 ``(T, H, W, C)`` whole-frame.
+    """Item ``i`` = one clip of one video -> ``{"position": video position, "clip": uint8 (T, H, W, C) whole-frame}``,
+    or ``{"unreadable": (video id, reason)}`` when its stored frames fail their checksum: a DataLoader worker would
+    wrap the exception in its traceback, so the reason travels as data and :func:`score_videos` raises it.
 
     Its ``V`` views (1: the centre crop; 10: centre + 4 corners, each also mirrored) are made on the device the
     network runs on (:meth:`views`), from one uint8 clip: a tenth of the bytes of ten float views, and no per-pixel
@@ -68,11 +71,15 @@ class ClipViews(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         position, start = self.items[i]
         video = self.videos[position]
         index = clip_indices(self.shards.field_length(video, self.field_name), start, self.clip_len)
-        return position, torch.from_numpy(self.shards.read(video, self.field_name, index=index))
+        try:
+            return {"position": position,
+                    "clip": torch.from_numpy(self.shards.read(video, self.field_name, index=index))}
+        except DamagedError as err:
+            return {"unreadable": (video.video_id, str(err))}
 
     def views(self, clips: torch.Tensor) -> torch.Tensor:
         """The views of a batch of clips ``(N, T, H, W, C)`` uint8, on their device: ``(N * V, C, T, S, S)``."""
@@ -103,7 +110,7 @@ def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, de
     runtime = Runtime.choose(device, precision)
     device = runtime.device
     loader = DataLoader(views, batch_size=max(1, batch_size // views.views_per_clip), shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
     model = runtime.prepare(model).eval()
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(len(views.videos), dtype=torch.int64)
@@ -113,11 +120,15 @@ def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, de
         hook = model.get_submodule(feature_layer).register_forward_hook(
             lambda module, args, output: captured.append(torch.relu(output.float())))
     with torch.inference_mode():
-        for positions, clips in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            if batch["unreadable"]:  # a test video cannot be skipped without changing the result: stop
+                raise EvaluationError(f"{batch['unreadable'][0][1]}; asym3d inspect SHARD_DIR --verify lists the "
+                                      "damaged shards, and --repair on the command that built them redoes them")
+            positions, clips = batch["position"], batch["clip"]
             n_clips, n_views = len(clips), views.views_per_clip
-            batch = runtime.inputs(views.views(clips.to(device, non_blocking=True)))
+            inputs = runtime.inputs(views.views(clips.to(device, non_blocking=True)))
             with runtime.autocast():
-                logits = model(batch)
+                logits = model(inputs)
             outputs = {"scores": logits.float().softmax(dim=1)}
             if captured:
                 outputs["features"] = captured.pop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +284,21 @@ def test_fusion_weights_must_be_finite():
     with pytest.raises(ValueError, match="finite"):
         parse_weights("nan,1")
     assert parse_weights("1,2.5") == [1.0, 2.5]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_damaged_frame_stops_evaluation_in_one_line_naming_the_shard(tmp_path, net_state, workers):
+    from test_integrity import _flip, _stored_regions
+
+    shard_dir = write_shards(tmp_path / "shards")
+    run = make_run(tmp_path, net_state, shard_dir, splits=(1,))
+    shard = shard_dir / shard_name(0)
+    name, offset, size = next(r for r in _stored_regions(shard) if "/rgb" in r[0])
+    _flip(shard, offset + size // 2)
+    result = subprocess.run([sys.executable, "-m", "cli", "evaluate", str(run), "--splits", "1", "--crops", "1",
+                             "--clips", "1", "--device", "cpu", "--workers", workers],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"{shard}: video " in errors[0] and "asym3d inspect" in errors[0], result.stderr
