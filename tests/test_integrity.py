@@ -205,6 +205,15 @@ def test_one_writer_per_directory_and_a_stale_lock_is_taken_over(dirs, tmp_path:
     assert verify_dir(out) == []
 
 
+def _writes_under(process: psutil.Process, prefix: str) -> bool:
+    """Whether ``process`` has a file open whose path starts with ``prefix``; False once it has exited (a worker
+    may end between being listed and being asked)."""
+    try:
+        return any(f.path.startswith(prefix) for f in process.open_files())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def test_killing_the_parent_kills_its_workers_and_a_rerun_finishes_cleanly(tmp_path: Path) -> None:
     root, out = _tree(tmp_path / "data", per_class=4, frames=12), tmp_path / "flow"
     proc = subprocess.Popen(_cli("extract-flow", str(root), str(out), "--backend", "cpu", "--size", f"{H}x{W}",
@@ -215,8 +224,7 @@ def test_killing_the_parent_kills_its_workers_and_a_rerun_finishes_cleanly(tmp_p
     writers: list[psutil.Process] = []
     while not writers and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-        writers = [p for p in parent.children(recursive=True)
-                   if any(f.path.startswith(f"{out}/shard-") for f in p.open_files())]
+        writers = [p for p in parent.children(recursive=True) if _writes_under(p, f"{out}/shard-")]
     assert writers, "the kill should land while workers write"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
