@@ -329,8 +329,11 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
     ids = [[r.video_id for r in shard] for shard in plan]
-    if train is not None and Path(train.out_dir).resolve() == Path(out_dir).resolve():
-        raise StoreError(f"{train.out_dir}: the training-shard directory must differ from the flow directory")
+    if train is not None:
+        if Path(train.out_dir).resolve() == Path(out_dir).resolve():
+            raise StoreError(f"{train.out_dir}: the training-shard directory must differ from the flow directory")
+        # so that `inspect FLOW_DIR` can say where its shards went
+        recorded = {**recorded, "train_dir": str(Path(train.out_dir).resolve()), "keep_flow": train.keep_flow}
     with DirectoryLock(out_dir), (DirectoryLock(train.out_dir) if train else contextlib.nullcontext()):
         warnings = prepare_output(out_dir, schema, dataset, ids, overwrite=overwrite, recorded=recorded)
         repaired = tuple(set_aside_damaged(out_dir)) if repair else ()

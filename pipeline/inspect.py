@@ -14,9 +14,13 @@ def summary_text(shards: ShardSet) -> str:
     lines = [
         f"{shards.root}: {s.kind} shards, format v{s.version}, {s.height}x{s.width} frames",
         f"  shards: {len(shards.complete_shards)} complete of {len(shards.plan)} planned",
-        f"  videos: {len(shards.videos)} ok, {len(shards.failures)} failed; "
-        f"frames: {sum(v.n_frames for v in shards.videos)}; classes: {len(shards.classes)}",
     ]
+    train_dir = shards.last_run.get("train_dir")
+    if train_dir and not shards.last_run.get("keep_flow"):
+        lines.append(f"  extract-flow --train-dir deletes each flow shard once its training shard is built: see "
+                     f"asym3d inspect {train_dir}")
+    lines.append(f"  videos: {len(shards.videos)} ok, {len(shards.failures)} failed; "
+                 f"frames: {sum(v.n_frames for v in shards.videos)}; classes: {len(shards.classes)}")
     for spec in s.fields:
         enc = spec.encoding if spec.encoding == "jpeg" else f"{spec.dtype} x{spec.scale:g} {spec.compression or 'raw'}"
         lines.append(f"  field {spec.name}: {spec.channels} channels, {enc}; {spec.description}")

@@ -500,6 +500,7 @@ class ShardSet:
             raise DamagedError(f"{self.root / SCHEMA_FILE}: unreadable schema ({exc})") from None
         self.dataset: dict[str, Any] = meta.get("dataset", {})
         self.plan: list[list[str]] = meta.get("plan", [])
+        self.last_run: dict[str, Any] = meta.get("recorded") or {}  # what the latest run into the directory recorded
         self.videos: list[VideoEntry] = []
         self.failures: list[dict[str, str]] = []
         self.complete_shards: list[str] = []

@@ -63,6 +63,10 @@ def test_train_dir_writes_what_the_two_stages_write_and_keeps_no_flow_shard(tmp_
     assert result.exit_code == 1, result.output  # the broken video failed; the rest was built
     assert "deleted from" in result.output and "zbroken" in result.output
     assert not list(flow.glob("shard-*.h5")) and not list(flow.glob("*.tmp.*"))
+    emptied = CliRunner().invoke(main, ["inspect", str(flow)])
+    assert "shards: 0 complete of 3 planned" in emptied.output, emptied.output
+    assert f"extract-flow --train-dir deletes each flow shard once its training shard is built: see asym3d inspect " \
+           f"{train.resolve()}" in emptied.output
     index = index_dataset("folder", root)
     extract_flow(index, tmp_path / "flow2", _cfg(per_shard=2), progress=False)
     build_rgbf(tmp_path / "flow2", tmp_path / "train2", BuildConfig(), progress=False)
