@@ -6,6 +6,9 @@ so that CI executes its Python even though it has no GPU (PyTorch autocasts to b
 
 ``precision``: ``auto`` = bf16 on a CUDA device that supports it, float32 elsewhere (on a CPU without bf16 units it
 would only be slower); ``bf16`` or ``fp32`` force one. Softmax, losses and metrics are always taken in float32.
+Forced ``bf16`` on a CPU is for exercising the GPU path only: PyTorch's oneDNN bf16 conv3d weight gradient there is
+nondeterministic and once in about 20 short runs returned values near 1e23 (BENCHMARKS.md, "bf16 on a CPU"); the
+trainer then stops on the non-finite loss.
 """
 from __future__ import annotations
 
