@@ -349,7 +349,7 @@ def test_the_gpu_precision_path_runs_on_the_cpu(shards: Path, tmp_path: Path) ->
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in net.parameters() if p.dim() == 5)
     assert Runtime.choose("cpu").dtype is None  # auto: float32 on a CPU
     # without oneDNN: its bf16 conv3d weight gradient on the CPU is nondeterministic, and in about one 2-epoch run in
-    # 20 it returned values near 1e23 (BENCHMARKS.md, "bf16 on a CPU"); the native kernels are slower but exact
+    # 20 it returned values near 1e23 (BENCHMARKS.md, "bf16 on a CPU"); the native kernels are slower but deterministic
     with torch.backends.mkldnn.flags(enabled=False):
         result = train(config(shards, tmp_path / "bf16", epochs=2, lr=1e-3, precision="bf16"))
     assert all(math.isfinite(row["train_loss"]) for row in result["history"])
