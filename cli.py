@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import Asym3dError
+from pipeline.stage import BUILD_MAX_FAILURES, DEFAULT_MAX_FAILURES
 
 
 class _Group(click.Group):
@@ -134,6 +135,12 @@ def _parse_max_failures(ctx: click.Context, param: click.Parameter, value: str) 
     return number
 
 
+def _max_failures_option(default: float):
+    return click.option("--max-failures", default=str(default), show_default=True, callback=_parse_max_failures,
+                        help="failed videos after which the run stops: a count (10) or a fraction of the videos "
+                             "(0.2); 1.0 never stops")
+
+
 def _echo_failures(failures) -> None:
     for failure in failures:
         click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
@@ -217,8 +224,7 @@ def _tvl1_options(func):
               help="only these classes (FCVID: categories), labelled 0..K-1 in the official order")
 @click.option("--max-missing", type=_Finite(0, 1), default=0.5, show_default=True,
               help="share of a split's listed videos that may be missing on disk (1: any, for partial downloads)")
-@click.option("--max-failures", default="0.5", show_default=True, callback=_parse_max_failures,
-              help="failed videos after which the run stops: a count (10) or a fraction of the videos (0.2)")
+@_max_failures_option(DEFAULT_MAX_FAILURES)
 @click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="decoded frame size HxW")
 @click.option("--fps", type=_Finite(min=0, min_open=True),
               help="resample to this constant frame rate [default: keep the source's own frames]")
@@ -312,21 +318,25 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
 @click.argument("flow_dir", type=_existing_path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @_build_options
+@_max_failures_option(BUILD_MAX_FAILURES)
 @_runner_options
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str, jpeg_quality: int,
-                   flow_bound: float, jobs: int, scheduler: str | None, repair: bool, overwrite: bool) -> None:
+                   flow_bound: float, max_failures: int | float, jobs: int, scheduler: str | None, repair: bool,
+                   overwrite: bool) -> None:
     """Turn extract-flow shards in FLOW_DIR into training shards in OUT_DIR: RGB, flow image and RGBF frames.
 
-    One output shard per input shard (same videos, labels, splits); the input's failures are carried over. A rerun
-    skips complete shards. Exit status 1 when any video failed or some input shards are not written yet.
+    One output shard per input shard (same videos, labels, splits); the input's failures are carried over (and not
+    counted against --max-failures). A rerun skips complete shards. Exit status 1 when any video failed or some
+    input shards are not written yet.
     """
     from pipeline.build_rgbf import build_rgbf
 
     cfg = _build_config(modalities, storage, jpeg_quality, flow_bound)
     _check_runner(jobs, scheduler)
-    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair)
+    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair,
+                         max_failures=max_failures)
     _echo_repaired(summary.repaired)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {summary.videos_failed} failed, "
                f"{summary.shards_built} shards built, {summary.shards_skipped}/{summary.shards_planned} already "

@@ -24,7 +24,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,16 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from pipeline.build_rgbf import FollowOn, prepare_train_output, shard_task, train_schema, up_to_date
+from pipeline.build_rgbf import FollowOn, shard_task, train_output, up_to_date
 from pipeline.build_rgbf import process_shard as build_shard
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
 from pipeline.errors import Asym3dError, ConfigError
 from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_backend
-from pipeline.lock import DirectoryLock
-from pipeline.runner import run_tasks
-from pipeline.store import (DamagedError, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
-                            open_shard, os_reason, prepare_output, shard_name, write_manifest)
-from pipeline.verify import Damage, set_aside_damaged
+from pipeline.stage import DEFAULT_MAX_FAILURES, Output, ShardResult, Stage, TooManyFailures  # noqa: F401 - API
+from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, damaged_shard, library_versions,
+                            open_shard, os_reason, shard_name)
+from pipeline.verify import Damage
 from pipeline.tvl1_params import TVL1Params
 
 # Flow is stored as int16 hundredths of a pixel with gzip: |error| <= 0.005 px per component (<= 0.0071 px in
@@ -53,15 +51,9 @@ FLOW_FIELD = FieldSpec("flow", channels=2, dtype="int16", scale=100.0, compressi
                        description="(u, v) displacement in pixels at the stored resolution, frame t -> t+1")
 RGB_FIELD = FieldSpec("rgb", channels=3, dtype="uint8", compression="lzf",
                       description="decoded RGB frames, lossless (build-rgbf multiplies them by the flow magnitude)")
-# The default --max-failures: a run in which most videos fail points at a wrong setting, not at a few bad files.
-DEFAULT_MAX_FAILURES = 0.5
 # Videos decoded at once by each shard's worker, ahead of the flow: ffmpeg decodes ~600-1800 frames/s per process
 # here, a GPU solves more pairs than one process decodes.
 DECODE_THREADS = 2
-
-
-class TooManyFailures(Asym3dError):
-    """More videos failed than ``max_failures`` allows; the run stopped (finished shards are kept)."""
 
 
 @dataclass(frozen=True)
@@ -113,16 +105,6 @@ class ShardTask:
     schema: Schema  # declared once for the run, so every worker writes exactly what was declared
     recorded: dict  # what ran, stored in the shard
     retry_failed: bool = False
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    index: int
-    videos_ok: int
-    failures: tuple[dict[str, str], ...]
-    frames: int  # frames decoded in this run (0 when the shard was already complete)
-    skipped: bool
-    ran: str = ""  # the backend that computed it, as resolved by its worker (empty when skipped)
 
 
 def process_shard(task: ShardTask) -> ShardResult:
@@ -219,7 +201,7 @@ def _reading(path: Path) -> Iterator[h5py.File]:
         try:
             yield f
         except (OSError, KeyError, ValueError) as exc:
-            raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
+            raise damaged_shard(path, exc) from None
 
 
 def _drop_flow(flow_path: Path, train: FollowOn) -> None:
@@ -271,16 +253,6 @@ def _reason(record: VideoRecord, err: Exception) -> str:
     return f"{record.path}: {type(err).__name__}: {text[:240]}"
 
 
-def failure_limit(max_failures: int | float, videos: int) -> int:
-    """The number of failed videos a run may have: an int is a count, a float a fraction (0 to 1) of ``videos``
-    (1.0 never stops a run)."""
-    if isinstance(max_failures, int) and max_failures >= 0:
-        return max_failures
-    if isinstance(max_failures, float) and 0 <= max_failures <= 1:  # NaN fails both comparisons
-        return math.floor(max_failures * videos)
-    raise ConfigError(f"--max-failures must be a count or a fraction from 0 to 1, got {max_failures}")
-
-
 def _existing_result(index: int, f: h5py.File) -> ShardResult:
     return ShardResult(index, len(f["videos"]), tuple(json.loads(f.attrs.get("failures", "[]"))), 0, skipped=True)
 
@@ -325,43 +297,23 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     schema, recorded = cfg.schema(), cfg.recorded()
     if scheduler is None:
         cfg.make_backend()  # the workers are this machine: refuse a backend it cannot run before writing anything
-    limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
-    ids = [[r.video_id for r in shard] for shard in plan]
+    outputs = []
     if train is not None:
         if Path(train.out_dir).resolve() == Path(out_dir).resolve():
             raise StoreError(f"{train.out_dir}: the training-shard directory must differ from the flow directory")
         # so that `inspect FLOW_DIR` can say where its shards went
         recorded = {**recorded, "train_dir": str(Path(train.out_dir).resolve()), "keep_flow": train.keep_flow}
-    with DirectoryLock(out_dir), (DirectoryLock(train.out_dir) if train else contextlib.nullcontext()):
-        warnings = prepare_output(out_dir, schema, dataset, ids, overwrite=overwrite, recorded=recorded)
-        repaired = tuple(set_aside_damaged(out_dir)) if repair else ()
-        if train is not None:
-            repaired += tuple(prepare_train_output(train.out_dir, train_schema(schema, train.cfg), dataset, ids,
-                                                   overwrite=overwrite, repair=repair))
+        outputs = [train_output(train.out_dir, schema, train.cfg)]
+    with Stage([Output(out_dir, schema, recorded), *outputs], dataset, [[r.video_id for r in s] for s in plan],
+               videos=len(index.records), max_failures=max_failures, overwrite=overwrite, repair=repair) as stage:
         tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
         work = process_shard if train is None else process_chained
         tasks = tasks if train is None else [ChainedTask(task, train) for task in tasks]
-        failures: list[dict[str, str]] = []
-
-        def stop_on_too_many(result: ShardResult) -> None:
-            failures.extend(result.failures)
-            if len(failures) > limit:
-                raise TooManyFailures(f"{out_dir}: stopped after {len(failures)} of {len(index.records)} videos "
-                                      f"failed (--max-failures {max_failures:g} allows {limit}); first: "
-                                      f"{failures[0]['reason']}")
-
-        try:
-            results = run_tasks(work, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
-                                frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
-        finally:
-            write_manifest(out_dir)
-            if train is not None:
-                write_manifest(Path(train.out_dir))
+        results = stage.run(work, tasks, desc="extract-flow", jobs=jobs, scheduler=scheduler, progress=progress)
     ran = ", ".join(sorted({r.ran for r in results if r.ran})) or f"{cfg.backend} (nothing left to compute)"
     return ExtractSummary(out_dir, ran, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results), tuple(warnings), repaired, train)
-
+                          sum(r.frames for r in results), tuple(stage.warnings), tuple(stage.repaired), train)
