@@ -251,10 +251,10 @@ def _tvl1_options(func):
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 @click.option("--train-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="also build the training shards (as build-rgbf does, with the options below) into this directory, "
-                   "each as soon as its flow shard is complete, and delete the flow shard then: peak disk ~ the "
-                   "training shards, not 6x them")
-@click.option("--keep-flow", is_flag=True, help="with --train-dir: keep the flow shards")
+              help="write the training shards (what build-rgbf writes, with the options below) into this directory "
+                   "instead, made in memory: no flow shard is written, so peak disk ~ the training shards, not 7x "
+                   "them")
+@click.option("--keep-flow", is_flag=True, help="with --train-dir: write the flow shards too")
 @_build_options
 @click.pass_context
 def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, splits_dir, labels_file,

@@ -113,11 +113,11 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class FollowOn:
-    """``extract-flow --train-dir``: build each training shard as soon as its flow shard is complete (issue 17).
+    """``extract-flow --train-dir``: build each training shard in memory from the decoded frames and their flow
+    (issues 17, 21), the same bytes build-rgbf writes from the flow shards.
 
-    Without ``keep_flow`` the flow shard is deleted once its training shard is complete, so the disk holds the
-    training shards plus only the flow shards in flight (one per worker) instead of every flow shard (~7x the
-    training shards). The training shards are the ones build-rgbf writes from the same flow shards, frame for frame.
+    No flow shard is written unless ``keep_flow``, so the disk holds the training shards only, instead of every flow
+    shard too (~7x the training shards).
     """
 
     out_dir: Path
@@ -217,24 +217,32 @@ def _read(handle: h5py.File, spec: FieldSpec, video: VideoEntry, start: int, sto
 
 
 def _video_frames(handle: h5py.File, task: ShardTask, video: VideoEntry) -> dict[str, np.ndarray]:
-    """All training frames of one video, computed ``CHUNK_FRAMES`` at a time.
+    """All training frames of one video read from a flow shard.
 
     Raises RGBFError, or OSError / DamagedError when the input fails its checksums."""
     rgb_spec, flow_spec = task.source_schema.field("rgb"), task.source_schema.field("flow")
     n_pairs = handle["videos"][video.key]["flow"].shape[0]
     if n_pairs != video.n_frames - 1:
         raise RGBFError(f"{n_pairs} flow pairs for {video.n_frames} frames (expected {video.n_frames - 1})")
-    pairing = paired_flow_index(video.n_frames)
-    names = task.schema.field_names
-    out = {name: np.empty((video.n_frames, task.schema.height, task.schema.width, 3), np.uint8) for name in names}
-    for start in range(0, video.n_frames, CHUNK_FRAMES):
-        stop = min(start + CHUNK_FRAMES, video.n_frames)
-        checksums = task.source_schema.version >= 2
-        rgb = _read(handle, rgb_spec, video, start, stop, checksums)
+    checksums = task.source_schema.version >= 2
+    return video_training_frames(video.n_frames, lambda a, b: _read(handle, rgb_spec, video, a, b, checksums),
+                                 lambda a, b: _read(handle, flow_spec, video, a, b, checksums), task.schema,
+                                 task.flow_bound)
+
+
+def video_training_frames(n_frames: int, rgb_of, flow_of, schema: Schema, flow_bound: float
+                          ) -> dict[str, np.ndarray]:
+    """All training frames of one video, ``CHUNK_FRAMES`` at a time: ``rgb_of(a, b)`` gives frames ``a:b`` and
+    ``flow_of(a, b)`` flow pairs ``a:b`` as stored. One function for build-rgbf (reading a flow shard) and
+    extract-flow --train-dir (in memory), so both write the same training shards. Raises RGBFError."""
+    pairing = paired_flow_index(n_frames)
+    names = tuple(schema.field_names)
+    out = {name: np.empty((n_frames, schema.height, schema.width, 3), np.uint8) for name in names}
+    for start in range(0, n_frames, CHUNK_FRAMES):
+        stop = min(start + CHUNK_FRAMES, n_frames)
         first = int(pairing[start])
-        flow = _read(handle, flow_spec, video, first, int(pairing[stop - 1]) + 1, checksums)
-        flow = flow[pairing[start:stop] - first]
-        for name, frames in training_frames(rgb, flow, tuple(names), task.flow_bound).items():
+        flow = flow_of(first, int(pairing[stop - 1]) + 1)[pairing[start:stop] - first]
+        for name, frames in training_frames(rgb_of(start, stop), flow, names, flow_bound).items():
             out[name][start:stop] = frames
     return out
 

@@ -458,15 +458,25 @@ def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None
         group.create_dataset(spec.name + CRC_SUFFIX, data=np.array([frame_crc(f) for f in encoded], np.uint32),
                              chunks=(max(len(encoded), 1),), fletcher32=True)
         return
-    dtype = np.dtype(spec.dtype)
-    if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
-        info = np.iinfo(dtype)
-        stored = np.clip(np.rint(values * spec.scale), info.min, info.max).astype(dtype)
-    else:
-        stored = values.astype(dtype, copy=False)
+    stored = encode_values(spec, values)
     chunks = (1,) + stored.shape[1:] if len(stored) else None
     group.create_dataset(spec.name, data=stored, chunks=chunks, compression=spec.compression,
                          fletcher32=bool(len(stored)))
+
+
+def encode_values(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
+    """A raw field's values as stored: ``rint(value * scale)`` clipped to an integer dtype, else the dtype."""
+    dtype = np.dtype(spec.dtype)
+    if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values * spec.scale), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+def stored_values(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
+    """``values`` at the precision a raw field stores them, as a reader gets them back: what a later stage reading
+    the stored field sees, computed without writing it."""
+    return decode_field(spec, encode_values(spec, values))
 
 
 def frame_crc(encoded: np.ndarray) -> int:
