@@ -231,11 +231,11 @@ def _chained_in_memory(task: ChainedTask, earlier: Path | None) -> ShardResult:
         for record, frames, flow in _computed(todo, cfg, backend, flow_out or train):
             if flow_out is not None:
                 flow_out.add_video(_meta(record), {"rgb": frames, "flow": flow})
-            stored = stored_values(cfg.flow_field, flow)  # what build-rgbf would read back from the flow shard
             frames_done += len(frames)
-            try:
-                training = video_training_frames(len(frames), lambda a, b: frames[a:b], lambda a, b: stored[a:b],
-                                                 task.train_schema, task.train.cfg.flow_bound)
+            try:  # the flow as build-rgbf would read it back from the flow shard, step by step
+                training = video_training_frames(
+                    len(frames), lambda a, b: frames[a:b], lambda a, b: stored_values(cfg.flow_field, flow[a:b]),
+                    task.train_schema, task.train.cfg.flow_bound)
             except RGBFError as exc:
                 build_failures.append((record, f"build-rgbf: {exc}"))
                 continue

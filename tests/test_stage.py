@@ -142,3 +142,22 @@ def test_a_shard_of_another_configuration_names_the_difference(two_stages, tmp_p
     assert result.exit_code == 1
     assert "shard-00000.h5: holds output of a different configuration (config.videos_per_shard: existing 7 vs " \
            "requested 2)" in result.output
+
+
+def test_host_cost_bench_runs_at_a_tiny_size(capsys) -> None:
+    """bench/host_cost.py on the repository's real clips, 4 frames each, DIS flow."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import host_cost
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    host_cost.main(["--clips", str(CLIPS), "--max-frames", "4", "--videos-per-shard", "2"])
+    out = capsys.readouterr().out
+    assert "4 clips, 16 frames at 128x171" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| path")}
+    assert set(rows) == {"two stages", "--train-dir"}
+    for total, startup, beyond, ratio in rows.values():
+        assert float(total) > float(startup) > 0 and np.isfinite(float(beyond)) and np.isfinite(float(ratio))
