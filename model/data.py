@@ -33,8 +33,6 @@ from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, Video
 
 from .clips import clip_indices, crop, crop_positions
 
-MODALITIES = ("rgb", "flow", "rgbf")
-
 
 class DataError(Asym3dError, ValueError):
     """Training shards that cannot serve a run (wrong modality, empty split, too many videos absent)."""
