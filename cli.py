@@ -13,6 +13,8 @@ from model.networks import WEIGHT_INITS
 from model.runtime import PRECISIONS
 from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
 from pipeline.datasets import DATASET_KINDS
+from pipeline.decode import DecodeConfig
+from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS
 from pipeline.errors import Asym3dError
 from pipeline.flow import BACKENDS, TORCH_SOLVERS
 from pipeline.rgbf import DEFAULT_FLOW_BOUND, MODALITIES
@@ -386,13 +388,13 @@ def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Pa
 
 @main.command("make-demo-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", type=click.IntRange(2, 10), default=6, show_default=True,
-              help="the first K of: translate up/down, static, oscillate, zoom in/out (these survive the "
-                   "paper's flip augmentation), translate right/left, rotate cw/ccw (mirror pairs)")
+@click.option("--classes", type=click.IntRange(2, len(MOTIONS)), default=6, show_default=True,
+              help=f"the first K of: {', '.join(MOTIONS)} (the first six survive the paper's flip augmentation; the "
+                   "last four are mirror pairs)")
 @click.option("--videos-per-class", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--groups", type=click.IntRange(3, 99), default=6, show_default=True,
+@click.option("--groups", type=click.IntRange(NUM_SPLITS, 99), default=6, show_default=True,
               help="scenes gXX; split N tests the N-th third of them (at most --videos-per-class)")
-@click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True, help="frames per video")
+@click.option("--frames", type=click.IntRange(2, MAX_FRAMES), default=32, show_default=True, help="frames per video")
 @click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="frame size HxW")
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: int, frames: int,
@@ -442,7 +444,8 @@ def _schedules_text() -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
-              help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
+              help=f"frames x crop x crop; the crop must fit the stored frames ({DecodeConfig.height}x"
+                   f"{DecodeConfig.width} by default)")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
               help=f"dropout rate after fc6 and fc7 [default: {TrainConfig.dropout:g}, the paper's]")

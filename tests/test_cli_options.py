@@ -17,7 +17,7 @@ from model.runtime import PRECISIONS
 from pipeline.build_rgbf import STORAGE, BuildConfig, build_rgbf
 from pipeline.datasets import DATASET_KINDS, index_dataset
 from pipeline.decode import DecodeConfig
-from pipeline.demo_data import make_demo_dataset
+from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS, DemoDataError, make_demo_dataset, plan_videos
 from pipeline.extract import ExtractConfig, extract_flow
 from pipeline.flow import BACKENDS, TORCH_SOLVERS
 from pipeline.inspect import render_strip
@@ -138,3 +138,15 @@ def test_help_text_defaults_are_the_library_defaults() -> None:
     for schedule, preset in SCHEDULES.items():
         assert f"{schedule}: lr {preset.get('lr', TrainConfig.lr):g} " in helps["schedule"]
         assert f"{preset.get('epochs', TrainConfig.epochs)} epochs" in helps["schedule"].split(f"{schedule}:")[1]
+
+
+def test_demo_data_ranges_are_the_generator_limits() -> None:
+    ranges = {option.name: option.type for option in _options(_commands()["make-demo-data"])}
+    assert (ranges["classes"].min, ranges["classes"].max) == (2, len(MOTIONS))
+    assert (ranges["groups"].min, ranges["groups"].max) == (NUM_SPLITS, 99)
+    assert ranges["frames"].max == MAX_FRAMES
+    plan_videos(len(MOTIONS), NUM_SPLITS, NUM_SPLITS)  # the ends of the ranges are accepted, one past them not
+    with pytest.raises(DemoDataError):
+        plan_videos(len(MOTIONS) + 1, NUM_SPLITS, NUM_SPLITS)
+    with pytest.raises(DemoDataError):
+        plan_videos(2, NUM_SPLITS, NUM_SPLITS - 1)
