@@ -199,9 +199,10 @@ def test_default_storage_is_jpeg_and_close_to_the_lossless_result(flow_dir: Path
     build_rgbf(flow_dir, tmp_path / "raw", BuildConfig(storage="raw"), progress=False)
     jpeg, raw = ShardSet(tmp_path / "jpeg"), ShardSet(tmp_path / "raw")
     assert {spec.encoding for spec in jpeg.schema.fields} == {"jpeg"}
-    for name in ("rgb", "flow", "rgbf"):
+    # Mean error on 0..255, measured (q90, simplejpeg): rgb 1.19, flow image 0.82, rgbf 0.43; bounds 1.5x those.
+    for name, bound in (("rgb", 1.8), ("flow", 1.25), ("rgbf", 0.65)):
         error = np.abs(jpeg.read("v0", name).astype(np.int16) - raw.read("v0", name)).mean()
-        assert error < 4.0, name
+        assert error < bound, (name, error)
 
 
 def test_figure_rows_show_the_stored_training_frames(flow_dir: Path, tmp_path: Path) -> None:
