@@ -6,7 +6,18 @@ from pathlib import Path
 
 import click
 
+# Choice lists and defaults come from the library they describe (tests/test_cli_options.py walks every option).
+from model.config import SCHEDULES, TrainConfig
+from model.evaluate import CROP_CHOICES
+from model.networks import WEIGHT_INITS
+from model.runtime import PRECISIONS
+from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
+from pipeline.datasets import DATASET_KINDS
+from pipeline.decode import DecodeConfig
+from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS
 from pipeline.errors import Asym3dError
+from pipeline.flow import BACKENDS, TORCH_SOLVERS
+from pipeline.rgbf import DEFAULT_FLOW_BOUND, MODALITIES
 from pipeline.stage import BUILD_MAX_FAILURES, DEFAULT_MAX_FAILURES
 
 
@@ -163,13 +174,14 @@ _BUILD_OPTIONS = ("modalities", "storage", "jpeg_quality", "flow_bound")
 def _build_options(func):
     """What build-rgbf writes; shared with extract-flow --train-dir, which builds the same training shards."""
     for option in reversed([
-        click.option("--modalities", default="rgb,flow,rgbf", show_default=True,
+        click.option("--modalities", default=",".join(MODALITIES), show_default=True,
                      help="comma-separated: rgb, flow (flow image u,v,|F|), rgbf (RGB x normalised |F|, paper eq. 7)"),
-        click.option("--storage", type=click.Choice(["jpeg", "lzf", "gzip", "raw"]), default="jpeg",
-                     show_default=True, help="jpeg: ~0.08x raw size, lossy; lzf/gzip/raw: lossless uint8 (see "
-                                             "BENCHMARKS.md)"),
-        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True),
-        click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=20.0, show_default=True,
+        click.option("--storage", type=click.Choice(list(STORAGE)), default=DEFAULT_STORAGE, show_default=True,
+                     help="jpeg: ~0.07x raw size for the three modalities, lossy; lzf/gzip/raw: lossless uint8 (see "
+                          "BENCHMARKS.md)"),
+        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=DEFAULT_JPEG_QUALITY, show_default=True),
+        click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=DEFAULT_FLOW_BOUND,
+                     show_default=True,
                      help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)"),
     ]):
         func = option(func)
@@ -212,7 +224,7 @@ def _tvl1_options(func):
 @main.command("extract-flow")
 @click.argument("root", type=_existing_path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dataset", "kind", type=click.Choice(["ucf101", "hmdb51", "fcvid", "folder"]), default="folder",
+@click.option("--dataset", "kind", type=click.Choice(DATASET_KINDS), default="folder",
               show_default=True, help="layout of ROOT (see the README)")
 @click.option("--splits-dir", type=_existing_path(file_okay=False),
               help="official split lists (UCF-101: classInd/trainlist0N/testlist0N; HMDB-51: *_test_splitN.txt)")
@@ -232,7 +244,7 @@ def _tvl1_options(func):
               help="frames decoded per video at most")
 @click.option("--timeout", type=_Finite(min=1), default=600, show_default=True,
               help="seconds before ffmpeg is stopped on one video")
-@click.option("--backend", type=click.Choice(["auto", "cuda", "cpu", "torch", "dis", "farneback"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True,
               help="auto: OpenCV CUDA TV-L1 if OpenCV has CUDA, else the torch TV-L1 on a CUDA GPU, else OpenCV CPU "
                    "TV-L1. cuda/cpu/torch are TV-L1; dis and farneback are fast NON-TV-L1 flows (recorded as such)")
@@ -240,10 +252,11 @@ def _tvl1_options(func):
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="torch backend: frame pairs per batch, pooled across videos (bounds device memory) [default: 32 "
                    "on a CPU; on a GPU 1024 at 171x128, scaled by frame area]")
-@click.option("--solver", type=click.Choice(["auto", "eager", "fused", "compiled"]), default="auto", show_default=True,
+@click.option("--solver", type=click.Choice(TORCH_SOLVERS), default="auto", show_default=True,
               help="torch backend: eager (the reference: finished pairs leave the batch), fused (stopping flags kept "
-                   "on the device), compiled (fused through torch.compile; compile time is printed once and cached "
-                   "between runs); auto = compiled on a GPU, eager on a CPU")
+                   "on the device), compiled (fused through torch.compile; each process first compiles, 10-45 s "
+                   "measured); auto = compiled on a GPU (~2x eager's pairs/s on an H200 once compiled; on 11 clips "
+                   "eager finished first, BENCHMARKS.md), eager on a CPU")
 @_tvl1_options
 @click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
 @_runner_options
@@ -385,13 +398,13 @@ def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Pa
 
 @main.command("make-demo-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", type=click.IntRange(2, 10), default=6, show_default=True,
-              help="the first K of: translate up/down, static, oscillate, zoom in/out (these survive the "
-                   "paper's flip augmentation), translate right/left, rotate cw/ccw (mirror pairs)")
+@click.option("--classes", type=click.IntRange(2, len(MOTIONS)), default=6, show_default=True,
+              help=f"the first K of: {', '.join(MOTIONS)} (the first six survive the paper's flip augmentation; the "
+                   "last four are mirror pairs)")
 @click.option("--videos-per-class", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--groups", type=click.IntRange(3, 99), default=6, show_default=True,
+@click.option("--groups", type=click.IntRange(NUM_SPLITS, 99), default=6, show_default=True,
               help="scenes gXX; split N tests the N-th third of them (at most --videos-per-class)")
-@click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True, help="frames per video")
+@click.option("--frames", type=click.IntRange(2, MAX_FRAMES), default=32, show_default=True, help="frames per video")
 @click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="frame size HxW")
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: int, frames: int,
@@ -409,36 +422,52 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
                f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
 
 
+def _schedules_text() -> str:
+    """The presets of model.config.SCHEDULES in words, for --schedule's help (a preset's missing keys keep
+    TrainConfig's defaults)."""
+    texts = []
+    for name, preset in SCHEDULES.items():
+        s = {key: preset.get(key, getattr(TrainConfig, key)) for key in ("lr", "lr_step", "lr_gamma", "epochs",
+                                                                          "fc8_lr_mult")}
+        decay = f"/{1 / s['lr_gamma']:g} every {s['lr_step']} epochs" if s["lr_step"] else "constant"
+        fc8 = f", fc8 at {s['fc8_lr_mult']:g}x lr" if s["fc8_lr_mult"] != 1 else ""
+        texts.append(f"{name}: lr {s['lr']:g} {decay}, {s['epochs']} epochs{fc8}")
+    return "; ".join(texts)
+
+
 @main.command("train")
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", required=True, help="network name (see `asym3d models`)")
-@click.option("--input", "modality", type=click.Choice(["rgb", "flow", "rgbf"]), default="rgb", show_default=True)
+@click.option("--input", "modality", type=click.Choice(MODALITIES), default=TrainConfig.input, show_default=True)
 @click.option("--split", type=click.IntRange(min=1), default=1, show_default=True, help="train on this split")
 @click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run dir")
-@click.option("--schedule", type=click.Choice(["pretrain", "finetune", "none"]), default="none", show_default=True,
-              help="paper §4.3 presets: pretrain lr 1e-3 /5 every 15 epochs, 50 epochs; finetune lr 1e-4 /10 every "
-                   "8 epochs, 20 epochs, fc8 at 10x lr; none: lr 1e-3 constant, 20 epochs. Options below override")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=TrainConfig.schedule, show_default=True,
+              help=f"paper §4.3 presets: {_schedules_text()}. Options below override")
 @click.option("--epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1), help="clips per step per process [default: 16]")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=f"clips per step per process [default: {TrainConfig.batch_size}]")
 @click.option("--lr", type=_Finite(min=0, min_open=True), help="learning rate")
 @click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
-@click.option("--workers", type=click.IntRange(min=0), help="data loader processes [default: 2]")
+@click.option("--workers", type=click.IntRange(min=0),
+              help=f"data loader processes [default: {TrainConfig.workers}]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
-              help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
+              help=f"frames x crop x crop; the crop must fit the stored frames ({DecodeConfig.height}x"
+                   f"{DecodeConfig.width} by default)")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
-              help="dropout rate after fc6 and fc7 [default: 0.5, the paper's]")
-@click.option("--weight-init", help="initialisation from scratch [default: he-torchfc: He convs, PyTorch's Linear "
-                                    "default for fc6/fc7]; c3d: the paper's Caffe C3D fillers; he: He fc6/fc7 too "
-                                    "(unstable); he-smallfc: fc6/fc7 N(0, 0.005); torch: PyTorch's defaults "
-                                    "(BENCHMARKS.md, 'Training from scratch')")
+              help=f"dropout rate after fc6 and fc7 [default: {TrainConfig.dropout:g}, the paper's]")
+@click.option("--weight-init", type=click.Choice(WEIGHT_INITS),
+              help=f"initialisation from scratch [default: {TrainConfig.weight_init}: He convs, PyTorch's Linear "
+                   "default for fc6/fc7]; c3d: the paper's Caffe C3D fillers; he: He fc6/fc7 too (unstable); "
+                   "he-smallfc: fc6/fc7 N(0, 0.005); torch: PyTorch's defaults (BENCHMARKS.md, 'Training from "
+                   "scratch')")
 @click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
 @click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True,
               help="auto: bf16 autocast with channels_last_3d on a GPU that supports bf16, float32 elsewhere; "
                    "evaluation follows the run's choice")
 @click.option("--max-missing", type=_Finite(0, 1), default=0.05, show_default=True,
@@ -482,7 +511,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 @click.option("--checkpoint", "checkpoints", multiple=True, default=["best"], show_default=True,
               help="best, last or a path; once for all splits or repeated once per split")
 @click.option("--clips", type=click.IntRange(min=1), default=25, show_default=True, help="clips per video")
-@click.option("--crops", type=click.Choice(["1", "10"]), default="10", show_default=True,
+@click.option("--crops", type=click.Choice([str(n) for n in CROP_CHOICES]), default="10", show_default=True,
               help="10: centre + 4 corners, each also mirrored; 1: centre only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True, help="views per batch")
 @click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]")

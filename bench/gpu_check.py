@@ -9,12 +9,15 @@ so the script cannot rot between the sessions that have a GPU.
 Sections (each checks, then times; a failed check or an error fails its section, the others still run):
 
 - tvl1: torch TV-L1 (``pipeline.tvl1_torch``) on the device against OpenCV's CPU TV-L1 computed here, on real frames
-  at 171x128 and 340x256 (mean end-point error <= 0.05 px); pairs/s and peak memory over batch sizes.
+  at 171x128 and 340x256 (mean end-point error <= 0.05 px) for every solver; pairs/s and peak memory over batch
+  sizes.
+- extract: ``asym3d extract-flow --backend torch`` on the carried real clips as a whole process (start-up, decoding,
+  compile, flow, writing), once per solver.
 - train: the trainer itself (``model.train.train``: bf16 autocast, channels_last_3d and cuDNN autotuning on CUDA)
   overfits c3d-b5, b5-asyConv345, b5-M2 and asym3d on real clips, eager and with ``--compile`` (loss finite and
-  falling); one resumed epoch; a checkpoint round trip. Then the step time at the paper's batch 16 and 16x112x112 of
-  every b5/b8 asymmetric variant, the MicroNets and asym3d as a ratio to its baseline, beside the MAC ratio and the
-  paper's Table 2 ratio.
+  falling); one resumed epoch; a checkpoint round trip.
+- steps: the step time at the paper's batch 16 and 16x112x112 of every b5/b8 asymmetric variant, the MicroNets and
+  asym3d as a ratio to its baseline, beside the MAC ratio and the paper's Table 2 ratio.
 - loader: training clips/s from the carried JPEG shards with N DataLoader workers against the trainer's demand.
 - evaluate: a checkpoint trained on the device evaluated on the device and on the CPU (same predictions); views/s of
   the paper's 25 clips x 10 crops protocol.
@@ -23,7 +26,8 @@ Sections (each checks, then times; a failed check or an error fails its section,
 
 Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/real_clips``):
 
-    make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the simplejpeg wheel for the device
+    make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the four wheels the device lacks
+                             # (GPU_WHEELS: simplejpeg, ffmpeg-python, its dependency future, imageio-ffmpeg)
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
 ~5 MiB), command ``make gpu-check GPU_OUT=$OUT`` (all sections: their limits add up to 405 s, so timeout_s ~470;

@@ -122,20 +122,12 @@ def training_frames(rgb: np.ndarray, flow: np.ndarray, modalities: tuple[str, ..
 
 
 def figure_rows(shards: "ShardSet", video_id: str, n: int = 8) -> list[tuple[str, np.ndarray]]:
-    """Rows of a Figure-5-like strip for one video: ``[(title, frames (n, H, W, 3) uint8), ...]``.
-
-    Frames are ``n`` evenly spaced frames of the video. Works on training shards (``kind == "train"``: the stored
-    "rgb", "flow" and "rgbf" fields that exist, in that order) and on flow shards (``kind == "flow"``: the flow
-    image and RGBF are computed here with the default bound and the pairing of the training shards).
+    """Rows of a Figure-5-like strip for one video of training shards: ``[(title, frames (n, H, W, 3) uint8), ...]``,
+    ``n`` evenly spaced frames of each stored "rgb", "flow" and "rgbf" field, in that order. (Flow shards are drawn
+    by :func:`pipeline.inspect.strip_rows` as RGB and colour-coded flow.)
     """
     video = shards.video(video_id)
     index = np.unique(np.rint(np.linspace(0, video.n_frames - 1, n)).astype(np.int64))
     titles = {"rgb": "RGB", "flow": "flow image (u, v, |F|)", "rgbf": "RGBF (eq. 7)"}
-    if shards.schema.kind == "flow":
-        rgb = shards.read(video, "rgb", index=index)
-        flow = shards.read(video, "flow", index=paired_flow_index(video.n_frames)[index])
-        frames = training_frames(rgb, flow)
-    else:
-        frames = {name: shards.read(video, name, index=index)
-                  for name in MODALITIES if name in shards.schema.field_names}
-    return [(titles[name], images) for name, images in frames.items()]
+    return [(titles[name], shards.read(video, name, index=index))
+            for name in MODALITIES if name in shards.schema.field_names]

@@ -165,6 +165,12 @@ def test_disk_peak_bench_runs_at_a_tiny_size(capsys) -> None:
     assert "identical frame for frame: yes" in out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert float(rows["extract-flow --train-dir"][0].split()[0]) == 0  # no flow shard left behind
-    peak = {name: float(rows[name][2].split()[0]) for name in ("two stages", "extract-flow --train-dir")}
-    assert peak["extract-flow --train-dir"] < peak["two stages"]
+    mb = {name: [float(cell.split()[0]) for cell in rows[name][:3]]
+          for name in ("two stages", "extract-flow --train-dir")}
+    flow_left, train, two_peak = mb["two stages"]
+    assert two_peak >= flow_left + train - 0.01  # the two stages hold every flow shard and training shard at once
+    # --train-dir holds the training shards plus the flow shard in flight: at most the larger of the two flow shards
+    # (0.60 MB) with both training shards (0.27 MB), 0.62x the two stages' 1.42 MB. Measured 0.83-0.88 MB, 0.58-0.62x
+    # (the 10 ms sampler can miss the highest moment, never exceed it); a run that kept its flow shards is 1.0x.
+    assert mb["extract-flow --train-dir"][2] <= 0.7 * two_peak
     assert set(disk_peak.COMPACT) <= set(rows)
