@@ -169,8 +169,7 @@ def test_disk_peak_bench_runs_at_a_tiny_size(capsys) -> None:
           for name in ("two stages", "extract-flow --train-dir")}
     flow_left, train, two_peak = mb["two stages"]
     assert two_peak >= flow_left + train - 0.01  # the two stages hold every flow shard and training shard at once
-    # --train-dir holds the training shards plus the flow shard in flight: at most the larger of the two flow shards
-    # (0.60 MB) with both training shards (0.27 MB), 0.62x the two stages' 1.42 MB. Measured 0.83-0.88 MB, 0.58-0.62x
-    # (the 10 ms sampler can miss the highest moment, never exceed it); a run that kept its flow shards is 1.0x.
-    assert mb["extract-flow --train-dir"][2] <= 0.7 * two_peak
+    # --train-dir writes no flow shard: its peak is the training shards and the directories' JSON files, measured
+    # 0.28 MB for 0.27 MB (1.03x; the two stages 5.21x). One flow shard on disk (>= 0.54 MB here) would be 3x.
+    assert mb["extract-flow --train-dir"][2] <= 1.1 * mb["extract-flow --train-dir"][1]
     assert set(disk_peak.COMPACT) <= set(rows)
