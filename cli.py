@@ -521,5 +521,98 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     click.echo(f"reports in {summary['out']}", err=True)
 
 
+def _split_runs(paths: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
+    """``RUN [RUN ...] VIDEO_OR_DIR ...`` -> (runs, inputs): the leading paths that are runs, then the rest."""
+    from model.predict import is_run
+
+    count = next((i for i, path in enumerate(paths) if not is_run(path)), len(paths))
+    if count == 0:
+        raise click.UsageError(f"{paths[0]}: not a run (a checkpoint .pt, or a directory holding them); give the "
+                               "run(s) first, then the videos")
+    if count == len(paths):
+        raise click.UsageError("give one or more videos (or directories of videos) after the run(s)")
+    return list(paths[:count]), list(paths[count:])
+
+
+def _predict_options(func):
+    """Which checkpoint of each RUN, and how its input is made: shared by predict and features."""
+    for option in reversed([
+        click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="RUN/splitN/ for runs trained with --splits"),
+        click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best",
+                     show_default=True),
+        click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
+                     help="read how the input is made from these training shards' dataset.json (for checkpoints "
+                          "written before checkpoints carried it)"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True,
+                     help="views per batch"),
+        click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]"),
+        # model.predict.TVL1_BACKENDS, written out so that the CLI starts without importing torch (a test compares)
+        click.option("--flow-backend", type=click.Choice(["auto", "cpu", "cuda", "torch"]), default="auto",
+                     show_default=True,
+                     help="TV-L1 runs: which TV-L1 computes the flow (as extract-flow --backend)"),
+    ]):
+        func = option(func)
+    return func
+
+
+@main.command("predict")
+@click.argument("paths", nargs=-1, required=True, type=_existing_path())
+@_predict_options
+@click.option("--clips", type=click.IntRange(min=1), default=25, show_default=True, help="clips per video")
+@click.option("--crops", type=click.Choice(["1", "10"]), default="10", show_default=True,
+              help="10: centre + 4 corners, each also mirrored; 1: centre only")
+@click.option("--weights", help="several runs: one weight per run, e.g. 1,1 [default: equal]")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True, help="classes shown")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list (one entry per video) at the end")
+@click.option("--csv", "as_csv", is_flag=True, help="print CSV rows: video,rank,class,probability")
+def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
+                device: str | None, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
+                as_json: bool, as_csv: bool) -> None:
+    """Classify videos: RUN [RUN ...] VIDEO_OR_DIR ...
+
+    Each RUN (a checkpoint, or a run directory: RUN/splitN/best.pt or RUN/best.pt) scores each video with the
+    paper's protocol (25 clips x 10 crops by default), its input made as its training shards were made (decoding,
+    TV-L1 flow, flow image or RGBF, storage); several runs are fused by their weighted mean. A directory is walked
+    for videos. A video that cannot be used is one line on stderr and the rest go on; exit status 1 then.
+    """
+    import json
+
+    from model.evaluate import default_device
+    from model.fusion import parse_weights
+    from model.predict import find_videos, load_run, predict_videos
+    from pipeline.devices import check_device
+
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    run_paths, inputs = _split_runs(paths)
+    weight_list = parse_weights(weights) if weights else None
+    device = check_device(device or default_device())
+    runs = [load_run(path, split=split, choice=choice, shards=shard_dir) for path in run_paths]
+    classes = runs[0].classes
+    results, failed = [], 0
+    if as_csv:
+        click.echo("video,rank,class,probability")
+    for prediction in predict_videos(runs, find_videos(inputs), clips=clips, crops=int(crops), weights=weight_list,
+                                     batch_size=batch_size, device=device, flow_backend_name=flow_backend):
+        if prediction.error:
+            failed += 1
+            click.echo(f"Error: {prediction.error}", err=True)
+            results.append({"video": prediction.video, "error": prediction.error})
+            continue
+        top = prediction.top(classes, top_k)
+        results.append({"video": prediction.video, "views": prediction.views,
+                        "top": [{"class": name, "probability": p} for name, p in top]})
+        if as_csv:
+            for rank, (name, p) in enumerate(top, start=1):
+                click.echo(f"{json.dumps(prediction.video)},{rank},{json.dumps(name)},{p:.6f}")
+        elif not as_json:
+            click.echo(f"{prediction.video}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    if failed:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()
