@@ -46,7 +46,12 @@ def number(cell: str) -> float:
 
 def test_eval_views() -> None:
     out = run_bench("eval_views.py", "--models", "c3d-b5", "--batch", "2", "--repeats", "1", "--clips", "1",
-                    "--crop", "32")
+                    "--crop", "32", "--frames", "40")
+    assert "| host reading | frames decoded | views/s | views per CPU-s | CPU ms per view |" in out
+    before, after = row(out, "| one read per clip"), row(out, "| one read per video, clips cut")
+    # two sample videos of >= 40 frames: 25 clips x 16 frames each before, their 40 distinct frames each after
+    assert number(before[1]) == 2 * 25 * 16 and number(after[1]) == 2 * 40
+    assert number(before[4]) > 0 and number(after[4]) > 0 and number(row(out, "| host CPU per view on a GPU")[4]) > 0
     assert "| network | device | batch | network views/s | end-to-end views/s |" in out
     cells = row(out, "| c3d-b5 | cpu | 2 |")
     assert number(cells[3]) > 0 and number(cells[4]) > 0  # network alone, end to end
