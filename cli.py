@@ -521,7 +521,7 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     click.echo(f"reports in {summary['out']}", err=True)
 
 
-def _split_runs(paths: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
+def _split_runs(paths: tuple[Path, ...], inputs_required: bool = True) -> tuple[list[Path], list[Path]]:
     """``RUN [RUN ...] VIDEO_OR_DIR ...`` -> (runs, inputs): the leading paths that are runs, then the rest."""
     from model.predict import is_run
 
@@ -529,7 +529,7 @@ def _split_runs(paths: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
     if count == 0:
         raise click.UsageError(f"{paths[0]}: not a run (a checkpoint .pt, or a directory holding them); give the "
                                "run(s) first, then the videos")
-    if count == len(paths):
+    if count == len(paths) and inputs_required:
         raise click.UsageError("give one or more videos (or directories of videos) after the run(s)")
     return list(paths[:count]), list(paths[count:])
 
@@ -611,6 +611,47 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
     if as_json:
         click.echo(json.dumps(results, indent=1))
     if failed:
+        raise SystemExit(1)
+
+
+@main.command("features")
+@click.argument("paths", nargs=-1, required=True, type=_existing_path())
+@_predict_options
+@click.option("--layer", type=click.Choice(["fc6", "fc7", "pool5"]), default="fc6", show_default=True,  # FEATURE_LAYERS
+              help="fc6/fc7: after their ReLU; pool5: flattened")
+@click.option("--stride", type=click.IntRange(min=1), default=8, show_default=True,
+              help="frames between the starts of consecutive windows (a window is the run's clip length)")
+@click.option("--ten-crop", is_flag=True, help="each window's vector is the mean over the paper's 10 crops "
+                                               "[default: the centre crop]")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the .h5 file")
+def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
+                 device: str | None, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
+    """C3D-style features: RUN [VIDEO_OR_DIR ...], or RUN --shards SHARD_DIR for every video stored there.
+
+    One vector per window of the run's clip length every --stride frames, and per video their mean, keyed by video
+    id (the path as given, or the shards' id) in --out (HDF5, checksummed). A rerun skips the videos already there
+    (an interrupted run keeps what it finished in OUT.parts/); a video that cannot be used is one line on stderr
+    and the rest go on (exit status 1 then).
+    """
+    from model.evaluate import default_device
+    from model.features import check_writable, extract_features, shard_sources, video_sources
+    from model.predict import find_videos, load_run
+    from pipeline.devices import check_device
+
+    run_paths, inputs = _split_runs(paths, inputs_required=shard_dir is None)
+    if len(run_paths) != 1:
+        raise click.UsageError("give one RUN")
+    check_writable(out)
+    device = check_device(device or default_device())
+    run = load_run(run_paths[0], split=split, choice=choice, shards=shard_dir)
+    sources = (video_sources(run, find_videos(inputs), flow_backend, device) if inputs
+               else shard_sources(run, shard_dir))
+    summary = extract_features(run, sources, out, layer=layer, stride=stride, crops=10 if ten_crop else 1,
+                               batch_size=batch_size, device=device,
+                               on_failure=lambda line: click.echo(f"Error: {line}", err=True))
+    click.echo(f"{out}: {summary.computed} videos computed, {summary.done_before} already there, "
+               f"{len(summary.failures)} failed; {layer} every {stride} frames")
+    if summary.failures:
         raise SystemExit(1)
 
 

@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from model import feature_shape, get_spec
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate import evaluate_split
 from model.fusion import fuse_results
@@ -124,3 +125,61 @@ def test_checkpoints_carry_the_schema_and_an_older_one_says_what_is_missing(made
 def test_cli_flow_backend_choices_are_the_librarys():
     option = next(p for p in main.commands["predict"].params if p.name == "flow_backend")
     assert tuple(option.type.choices) == TVL1_BACKENDS
+
+
+# ------------------------------------------------------------------------------------------------ asym3d features
+
+
+def feature_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    from model.features import read_features
+
+    return {v.video_id: (v.starts, v.windows, v.mean) for v in read_features(path)}
+
+
+def test_features_are_deterministic_their_mean_is_the_windows_mean_and_match_the_evaluator(made, tmp_path):
+    videos = made["root"] / "videos"
+    for name in ("a.h5", "b.h5"):
+        out = invoke("features", made["rgbf"], videos, "--out", tmp_path / name, "--stride", "8", *PROTOCOL_ARGS[2:])
+        assert "4 videos computed, 0 already there, 0 failed" in out
+    first, second = feature_file(tmp_path / "a.h5"), feature_file(tmp_path / "b.h5")
+    assert sorted(first) == sorted(str(p) for p in videos.rglob("*.*"))
+    for video_id, (starts, windows, mean) in first.items():
+        assert starts.tolist() == [0, 8] and windows.shape == (2, 4096)  # 24 frames: windows at 0 and 8
+        assert all(np.array_equal(a, b) for a, b in zip(second[video_id], (starts, windows, mean)))
+        assert np.array_equal(mean, windows.astype(np.float64).mean(axis=0).astype(np.float32))
+        assert np.allclose(mean, windows.mean(axis=0), rtol=1e-6, atol=1e-6) and windows.std(axis=0).max() > 0
+    # from the shards, the window at 0 is the evaluator's one clip (clips=1 starts at 0), centre crop, fc6 after ReLU
+    invoke("features", made["rgbf"], "--shards", made["shards"], "--out", tmp_path / "shards.h5", "--device", "cpu")
+    stored = feature_file(tmp_path / "shards.h5")
+    result = evaluate_split(made["rgbf"] / "best.pt", made["shards"], 1, clips=1, crops=1, device="cpu",
+                            progress=False, feature_layer="fc6")
+    for video_id, features in zip(result.video_ids, result.features):
+        assert np.array_equal(stored[video_id][1][0], features)
+    # the same video from its file and from the shards: the same numbers (the input is made as the shards were)
+    pushups = f"PushUps/{TEST['PushUps'].stem}"
+    assert np.array_equal(stored[pushups][1], first[str(videos / "PushUps" / TEST["PushUps"].name)][1])
+
+
+def test_features_resume_skip_finished_videos_and_refuse_another_configuration(made, tmp_path):
+    videos = made["root"] / "videos"
+    out = tmp_path / "f.h5"
+    invoke("features", made["rgb"], videos / "dive", "--out", out, "--layer", "pool5", "--device", "cpu")
+    before = feature_file(out)
+    assert "1 videos computed, 1 already there" in invoke("features", made["rgb"], videos / "dive", videos / "PushUps",
+                                                          "--out", out, "--layer", "pool5", "--device", "cpu")
+    after = feature_file(out)
+    (video_id, kept), = before.items()
+    assert len(after) == 2 and all(np.array_equal(a, b) for a, b in zip(after[video_id], kept))
+    assert after[video_id][1].shape[1] == np.prod(feature_shape(get_spec("asym3d"), (16, 16, 16)))  # pool5, flat
+    data = out.read_bytes()
+    result = CliRunner().invoke(main, ["features", str(made["rgb"]), str(videos / "dive"), "--out", str(out),
+                                       "--layer", "fc7", "--device", "cpu"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "another configuration" in result.output
+    assert out.read_bytes() == data and not (tmp_path / "f.h5.parts").exists()
+
+
+def test_cli_feature_layers_are_the_librarys():
+    from model.features import FEATURE_LAYERS
+
+    option = next(p for p in main.commands["features"].params if p.name == "layer")
+    assert tuple(option.type.choices) == tuple(FEATURE_LAYERS)
