@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.datasets import DATASET_KINDS
 from pipeline.errors import Asym3dError
 
 
@@ -205,10 +206,11 @@ def _tvl1_options(func):
 @main.command("extract-flow")
 @click.argument("root", type=_existing_path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dataset", "kind", type=click.Choice(["ucf101", "hmdb51", "fcvid", "folder"]), default="folder",
+@click.option("--dataset", "kind", type=click.Choice(DATASET_KINDS), default="folder",
               show_default=True, help="layout of ROOT (see the README)")
 @click.option("--splits-dir", type=_existing_path(file_okay=False),
-              help="official split lists (UCF-101: classInd/trainlist0N/testlist0N; HMDB-51: *_test_splitN.txt)")
+              help="official split lists (UCF-101: classInd/trainlist0N/testlist0N; HMDB-51: *_test_splitN.txt; "
+                   "Kinetics: train.csv and validate.csv, split 1's train and test)")
 @click.option("--labels-file", type=_existing_path(dir_okay=False), help="FCVID: video -> category list")
 @click.option("--categories-file", type=_existing_path(dir_okay=False), help="FCVID: the 239 category names")
 @click.option("--keep-file", type=_existing_path(dir_okay=False),
