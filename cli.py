@@ -657,5 +657,48 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
         raise SystemExit(1)
 
 
+@main.command("export")
+@click.argument("run_path", metavar="RUN", type=_existing_path())
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True,  # EXPORT_FORMATS
+              help="onnx needs pip install 'asym3d[onnx]'")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the file to write")
+@click.option("--check", "check_videos", multiple=True, type=_existing_path(dir_okay=False),
+              help="videos whose views (made as predict makes them, 2 clips x 10 crops each) check the export "
+                   "against PyTorch [default: seeded random views]")
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+              help="RUN/splitN/ for runs trained with --splits")
+@click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
+              help="with --check, for checkpoints that predate the schema: the training shards")
+def export_cmd(run_path: Path, fmt: str, out: Path, check_videos: tuple[Path, ...], split: int, choice: str,
+               shard_dir: Path | None) -> None:
+    """Export RUN's network (TorchScript or ONNX, any batch size), checked against PyTorch before it is written.
+
+    Prints the largest difference between the exported model and PyTorch on the checked views; above the stated
+    bound nothing is written (exit status 1).
+    """
+    from model.checkpoint import load_checkpoint
+    from model.export import check_format, export_run
+    from model.features import check_writable
+    from model.predict import VideoInputs, flow_backend, load_run, resolve_run
+
+    check_format(fmt)
+    check_writable(out)
+    frames = []
+    if check_videos:
+        run = load_run(run_path, split=split, choice=choice, shards=shard_dir)
+        backends = {} if run.recipe.modality == "rgb" else {
+            run.recipe.identity(): flow_backend(run.recipe, "cpu", None, run.origin)}
+        frames = [VideoInputs(video, backends).frames(run.recipe) for video in check_videos]
+        state = run.state
+    else:
+        state = load_checkpoint(resolve_run(run_path, split, choice))
+    summary = export_run(state, fmt, out, frames)
+    checked = f"{summary.videos} real clip(s)" if summary.videos else "seeded random views (pass --check VIDEO)"
+    click.echo(f"wrote {summary.out} ({summary.format}); checked against PyTorch on {summary.views} views of "
+               f"{checked}: largest difference {summary.logit_diff:.3g} in the logits (bound {summary.bound:.3g}), "
+               f"{summary.prob_diff:.3g} in the probabilities")
+
+
 if __name__ == "__main__":
     main()

@@ -183,3 +183,62 @@ def test_cli_feature_layers_are_the_librarys():
 
     option = next(p for p in main.commands["features"].params if p.name == "layer")
     assert tuple(option.type.choices) == tuple(FEATURE_LAYERS)
+
+
+# ------------------------------------------------------------------------------------------------ asym3d export
+
+
+def exported_difference(output: str) -> tuple[float, float]:
+    import re
+
+    match = re.search(r"largest difference (\S+) in the logits \(bound (\S+)\)", output)
+    assert match, output
+    return float(match.group(1)), float(match.group(2))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_pytorch_on_real_clips_within_the_stated_bound(made, tmp_path, fmt):
+    from model.checkpoint import build_model_from_checkpoint
+    from model.export import BOUNDS
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    out = tmp_path / f"model.{fmt}"
+    printed = invoke("export", made["rgbf"], "--format", fmt, "--out", out, "--check", TEST["PushUps"],
+                     "--check", TEST["dive"])
+    assert "40 views of 2 real clip(s)" in printed
+    difference, bound = exported_difference(printed)
+    state = load_checkpoint(made["rgbf"] / "best.pt")
+    net = build_model_from_checkpoint(state).eval()
+    views = torch.randn(3, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2  # another batch size
+    with torch.no_grad():
+        reference = net(views)
+    if fmt == "torchscript":
+        extra = {"asym3d.json": ""}
+        loaded = torch.jit.load(str(out), _extra_files=extra)
+        meta, got = json.loads(extra["asym3d.json"]), loaded(views)
+    else:
+        import onnx
+        import onnxruntime
+
+        meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["asym3d.json"])
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"views": views.numpy()})[0])
+    assert meta["classes"] == state["classes"] and meta["clip"] == [16, 16, 16] and meta["input"] == "rgbf"
+    scale = max(1.0, reference.abs().max().item())
+    print(printed)  # the measured difference (BENCHMARKS.md, "export")
+    assert difference <= bound
+    assert (got - reference).abs().max().item() <= BOUNDS[fmt] * scale
+
+
+def test_export_onnx_without_its_extra_is_one_line(made, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['onnxruntime'] = None; from cli import main; "
+            f"main(['export', {str(made['rgb'])!r}, '--format', 'onnx', '--out', {str(tmp_path / 'm.onnx')!r}])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "pip install 'asym3d[onnx]'" in result.stderr and not (tmp_path / "m.onnx").exists()
