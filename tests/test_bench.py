@@ -127,3 +127,14 @@ def test_storage() -> None:
         raw, jpeg = row(out, f"| {modality} | raw |"), row(out, f"| {modality} | jpeg q90 4:2:0 |")
         assert number(raw[3]) >= 1.0 and number(raw[4]) == 0.0 and number(raw[5]) > 0  # lossless, plus HDF5 overhead
         assert number(jpeg[3]) < 0.5 and number(jpeg[4]) > 0 and number(jpeg[6]) > 0
+
+
+def test_predict_time() -> None:
+    out = run_bench("predict_time.py", "--frames", "6", "--size", "32x43", "--clips", "1", "--crop", "16")
+    assert "| video | frames | decode | TV-L1 flow (cpu) | flow store + RGBF + JPEG | predict RGB |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| video")]
+    assert len(rows) >= 2
+    for line in rows:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert number(cells[1]) == 6 and all(number(cell) >= 0 for cell in cells[2:])
+        assert number(cells[5]) > 0 and number(cells[7]) > 0  # predict RGB, fused: real seconds
