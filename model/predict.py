@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.datasets import VIDEO_EXTENSIONS
 from pipeline.decode import DecodeConfig, decode_video
-from pipeline.errors import Asym3dError, ConfigError
+from pipeline.errors import Asym3dError
 from pipeline.extract import FLOW_FIELD
 from pipeline.flow import backend_metadata, make_backend
 from pipeline.rgbf import paired_flow_index, training_frames
@@ -40,6 +40,7 @@ from pipeline.tvl1_params import TVL1Params
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
 from .clips import ViewProtocol, protocol_frames
 from .evaluate import checkpoint_views, score_clips
+from .fusion import fusion_weights
 
 TVL1_BACKENDS = ("auto", "cpu", "cuda", "torch")  # the flow backends predict may use for a TV-L1 run
 SCHEMA_PARTS = "decoding, flow algorithm and parameters, flow image bound, storage"
@@ -242,12 +243,7 @@ def check_runs(runs: Sequence[Run], weights: Sequence[float] | None) -> list[flo
     for run in runs[1:]:
         if run.classes != runs[0].classes:
             raise PredictError(f"{run.origin}: other classes than {runs[0].origin}; runs fused must share them")
-    weights = [1.0] * len(runs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(runs):
-        raise ConfigError(f"--weights: {len(weights)} weights for {len(runs)} runs")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"--weights must be non-negative with a positive sum, got {weights}")
-    return weights
+    return fusion_weights(weights, len(runs))
 
 
 def predict_videos(runs: Sequence[Run], videos: Sequence[Path], *, clips: int = 25, crops: int = 10,
