@@ -19,7 +19,6 @@ number of runs; a video that cannot be used (not a video, too short for flow) fa
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence

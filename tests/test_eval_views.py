@@ -16,7 +16,7 @@ from model.checkpoint import build_model_from_checkpoint
 from model.clips import clip_indices, evenly_spaced_starts, protocol_frames
 from model.evaluate import ClipViews, checkpoint_views, evaluate_split
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
-from test_evaluate import CLASSES, CLIP_LEN, CROP, HEIGHT, WIDTH, checkpoint, net_state  # noqa: F401 (fixture)
+from test_evaluate import CLASSES, CLIP_LEN, HEIGHT, WIDTH, checkpoint, net_state  # noqa: F401 (fixture)
 
 # lengths chosen so that clips of one batch come from two videos, and one video is shorter than a clip (it loops)
 LENGTHS = {"a": 40, "b": 5, "c": 23}
