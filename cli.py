@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 # Choice lists and defaults come from the library they describe (tests/test_cli_options.py walks every option).
+from model.clips import CROP_CHOICES
 from model.config import SCHEDULES, TrainConfig
-from model.evaluate import CROP_CHOICES
 from model.networks import WEIGHT_INITS
 from model.runtime import PRECISIONS
 from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
@@ -227,7 +227,8 @@ def _tvl1_options(func):
 @click.option("--dataset", "kind", type=click.Choice(DATASET_KINDS), default="folder",
               show_default=True, help="layout of ROOT (see the README)")
 @click.option("--splits-dir", type=_existing_path(file_okay=False),
-              help="official split lists (UCF-101: classInd/trainlist0N/testlist0N; HMDB-51: *_test_splitN.txt)")
+              help="official split lists (UCF-101: classInd/trainlist0N/testlist0N; HMDB-51: *_test_splitN.txt; "
+                   "Kinetics: train.csv and validate.csv, split 1's train and test)")
 @click.option("--labels-file", type=_existing_path(dir_okay=False), help="FCVID: video -> category list")
 @click.option("--categories-file", type=_existing_path(dir_okay=False), help="FCVID: the 239 category names")
 @click.option("--keep-file", type=_existing_path(dir_okay=False),
@@ -558,6 +559,183 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     else:
         click.echo(summary["table"])
     click.echo(f"reports in {summary['out']}", err=True)
+
+
+def _split_runs(paths: tuple[Path, ...], inputs_required: bool = True) -> tuple[list[Path], list[Path]]:
+    """``RUN [RUN ...] VIDEO_OR_DIR ...`` -> (runs, inputs): the leading paths that are runs, then the rest."""
+    from model.predict import is_run
+
+    count = next((i for i, path in enumerate(paths) if not is_run(path)), len(paths))
+    if count == 0:
+        raise click.UsageError(f"{paths[0]}: not a run (a checkpoint .pt, or a directory holding them); give the "
+                               "run(s) first, then the videos")
+    if count == len(paths) and inputs_required:
+        raise click.UsageError("give one or more videos (or directories of videos) after the run(s)")
+    return list(paths[:count]), list(paths[count:])
+
+
+def _predict_options(func):
+    """Which checkpoint of each RUN, and how its input is made: shared by predict and features."""
+    for option in reversed([
+        click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="RUN/splitN/ for runs trained with --splits"),
+        click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best",
+                     show_default=True),
+        click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
+                     help="read how the input is made from these training shards' dataset.json (for checkpoints "
+                          "written before checkpoints carried it)"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True,
+                     help="views per batch"),
+        click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]"),
+        # model.predict.TVL1_BACKENDS, written out so that the CLI starts without importing torch (a test compares)
+        click.option("--flow-backend", type=click.Choice(["auto", "cpu", "cuda", "torch"]), default="auto",
+                     show_default=True,
+                     help="TV-L1 runs: which TV-L1 computes the flow (as extract-flow --backend)"),
+    ]):
+        func = option(func)
+    return func
+
+
+@main.command("predict")
+@click.argument("paths", nargs=-1, required=True, type=_existing_path())
+@_predict_options
+@click.option("--clips", type=click.IntRange(min=1), default=25, show_default=True, help="clips per video")
+@click.option("--crops", type=click.Choice([str(n) for n in CROP_CHOICES]), default="10", show_default=True,
+              help="10: centre + 4 corners, each also mirrored; 1: centre only")
+@click.option("--weights", help="several runs: one weight per run, e.g. 1,1 [default: equal]")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True, help="classes shown")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list (one entry per video) at the end")
+@click.option("--csv", "as_csv", is_flag=True, help="print CSV rows: video,rank,class,probability")
+def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
+                device: str | None, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
+                as_json: bool, as_csv: bool) -> None:
+    """Classify videos: RUN [RUN ...] VIDEO_OR_DIR ...
+
+    Each RUN (a checkpoint, or a run directory: RUN/splitN/best.pt or RUN/best.pt) scores each video with the
+    paper's protocol (25 clips x 10 crops by default), its input made as its training shards were made (decoding,
+    TV-L1 flow, flow image or RGBF, storage); several runs are fused by their weighted mean. A directory is walked
+    for videos. A video that cannot be used is one line on stderr and the rest go on; exit status 1 then.
+    """
+    import json
+
+    from model.evaluate import default_device
+    from model.fusion import parse_weights
+    from model.predict import find_videos, load_run, predict_videos
+    from pipeline.devices import check_device
+
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    run_paths, inputs = _split_runs(paths)
+    weight_list = parse_weights(weights) if weights else None
+    device = check_device(device or default_device())
+    runs = [load_run(path, split=split, choice=choice, shards=shard_dir) for path in run_paths]
+    classes = runs[0].classes
+    results, failed = [], 0
+    if as_csv:
+        click.echo("video,rank,class,probability")
+    for prediction in predict_videos(runs, find_videos(inputs), clips=clips, crops=int(crops), weights=weight_list,
+                                     batch_size=batch_size, device=device, flow_backend_name=flow_backend):
+        if prediction.error:
+            failed += 1
+            click.echo(f"Error: {prediction.error}", err=True)
+            results.append({"video": prediction.video, "error": prediction.error})
+            continue
+        top = prediction.top(classes, top_k)
+        results.append({"video": prediction.video, "views": prediction.views,
+                        "top": [{"class": name, "probability": p} for name, p in top]})
+        if as_csv:
+            for rank, (name, p) in enumerate(top, start=1):
+                click.echo(f"{json.dumps(prediction.video)},{rank},{json.dumps(name)},{p:.6f}")
+        elif not as_json:
+            click.echo(f"{prediction.video}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command("features")
+@click.argument("paths", nargs=-1, required=True, type=_existing_path())
+@_predict_options
+@click.option("--layer", type=click.Choice(["fc6", "fc7", "pool5"]), default="fc6", show_default=True,  # FEATURE_LAYERS
+              help="fc6/fc7: after their ReLU; pool5: flattened")
+@click.option("--stride", type=click.IntRange(min=1), default=8, show_default=True,
+              help="frames between the starts of consecutive windows (a window is the run's clip length)")
+@click.option("--ten-crop", is_flag=True, help="each window's vector is the mean over the paper's 10 crops "
+                                               "[default: the centre crop]")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the .h5 file")
+def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
+                 device: str | None, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
+    """C3D-style features: RUN [VIDEO_OR_DIR ...], or RUN --shards SHARD_DIR for every video stored there.
+
+    One vector per window of the run's clip length every --stride frames, and per video their mean, keyed by video
+    id (the path as given, or the shards' id) in --out (HDF5, checksummed). A rerun skips the videos already there
+    (an interrupted run keeps what it finished in OUT.parts/); a video that cannot be used is one line on stderr
+    and the rest go on (exit status 1 then).
+    """
+    from model.evaluate import default_device
+    from model.features import check_writable, extract_features, shard_sources, video_sources
+    from model.predict import find_videos, load_run
+    from pipeline.devices import check_device
+
+    run_paths, inputs = _split_runs(paths, inputs_required=shard_dir is None)
+    if len(run_paths) != 1:
+        raise click.UsageError("give one RUN")
+    check_writable(out)
+    device = check_device(device or default_device())
+    run = load_run(run_paths[0], split=split, choice=choice, shards=shard_dir)
+    sources = (video_sources(run, find_videos(inputs), flow_backend, device) if inputs
+               else shard_sources(run, shard_dir))
+    summary = extract_features(run, sources, out, layer=layer, stride=stride, crops=10 if ten_crop else 1,
+                               batch_size=batch_size, device=device,
+                               on_failure=lambda line: click.echo(f"Error: {line}", err=True))
+    click.echo(f"{out}: {summary.computed} videos computed, {summary.done_before} already there, "
+               f"{len(summary.failures)} failed; {layer} every {stride} frames")
+    if summary.failures:
+        raise SystemExit(1)
+
+
+@main.command("export")
+@click.argument("run_path", metavar="RUN", type=_existing_path())
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True,  # EXPORT_FORMATS
+              help="onnx needs pip install 'asym3d[onnx]'")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the file to write")
+@click.option("--check", "check_videos", multiple=True, type=_existing_path(dir_okay=False),
+              help="videos whose views (made as predict makes them, 2 clips x 10 crops each) check the export "
+                   "against PyTorch [default: seeded random views]")
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+              help="RUN/splitN/ for runs trained with --splits")
+@click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
+              help="with --check, for checkpoints that predate the schema: the training shards")
+def export_cmd(run_path: Path, fmt: str, out: Path, check_videos: tuple[Path, ...], split: int, choice: str,
+               shard_dir: Path | None) -> None:
+    """Export RUN's network (TorchScript or ONNX, any batch size), checked against PyTorch before it is written.
+
+    Prints the largest difference between the exported model and PyTorch on the checked views; above the stated
+    bound nothing is written (exit status 1).
+    """
+    from model.checkpoint import load_checkpoint
+    from model.export import check_format, export_run
+    from model.features import check_writable
+    from model.predict import VideoInputs, flow_backend, load_run, resolve_run
+
+    check_format(fmt)
+    check_writable(out)
+    frames = []
+    if check_videos:
+        run = load_run(run_path, split=split, choice=choice, shards=shard_dir)
+        backends = {} if run.recipe.modality == "rgb" else {
+            run.recipe.identity(): flow_backend(run.recipe, "cpu", None, run.origin)}
+        frames = [VideoInputs(video, backends).frames(run.recipe) for video in check_videos]
+        state = run.state
+    else:
+        state = load_checkpoint(resolve_run(run_path, split, choice))
+    summary = export_run(state, fmt, out, frames)
+    checked = f"{summary.videos} real clip(s)" if summary.videos else "seeded random views (pass --check VIDEO)"
+    click.echo(f"wrote {summary.out} ({summary.format}); checked against PyTorch on {summary.views} views of "
+               f"{checked}: largest difference {summary.logit_diff:.3g} in the logits (bound {summary.bound:.3g}), "
+               f"{summary.prob_diff:.3g} in the probabilities")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ Sections (each checks, then times; a failed check or an error fails its section,
 - loader: training clips/s from the carried JPEG shards with N DataLoader workers against the trainer's demand.
 - evaluate: a checkpoint trained on the device evaluated on the device and on the CPU (same predictions); views/s of
   the paper's 25 clips x 10 crops protocol.
+- predict: ``asym3d predict``'s views/s on the device (issue 23): real clips decoded, their input made as the run's
+  shards were (an RGB run; an RGBF run with the torch TV-L1 on the device) and scored with 25 clips x 10 crops.
 - ddp: one DistributedDataParallel training step in a one-process group (NCCL on CUDA, gloo on CPU) against the same
   step without DDP.
 
@@ -33,8 +35,8 @@ Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/rea
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
 ~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...``: one call runs at most 600 s, and the sections'
-limits add up to 675 s, so run ``GPU_SECTIONS=extract`` (330 s, timeout_s ~400) and the others (345 s, timeout_s
-~420) as two calls. Everything else it imports (torch,
+limits add up to 715 s, so run ``GPU_SECTIONS=extract`` (330 s, timeout_s ~400) and the others (385 s, timeout_s
+~460) as two calls. Everything else it imports (torch,
 numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the device's image; OpenCV contrib is never
 imported there (its TV-L1 references are computed here).
 
@@ -150,7 +152,8 @@ FULL = Plan(
                                            ("Shotput", "g05_c02"))],
     extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000,
     solver_batch=1024, solver_modes=["compiled", "reduce-overhead"],
-    limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 40, "loader": 20, "evaluate": 30, "ddp": 15},
+    limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 40, "loader": 20, "evaluate": 30, "ddp": 15,
+            "predict": 40},
 )
 SMOKE = Plan(
     flow_sources={"171x128": [(UCF("PushUps", "g02_c03"), 20, 3)], "340x256": [(TAI_CHI, 40, 2)]},
@@ -167,7 +170,8 @@ SMOKE = Plan(
     tvl1_solvers=["eager", "fused"],
     extract_clips=[UCF("PushUps", "g02_c03"), TAI_CHI], extract_solvers=["eager"], extract_max_frames=3,
     extract_pairs=8, solver_batch=2, solver_modes=["eager"],
-    limits={"tvl1": 60, "extract": 90, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20},
+    limits={"tvl1": 60, "extract": 90, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20,
+            "predict": 60},
 )
 
 
@@ -635,9 +639,52 @@ def section_ddp(ctx: Context, sec: Section) -> None:
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------------ predict (issue 23)
+
+
+def section_predict(ctx: Context, sec: Section) -> None:
+    """``model.predict.predict_videos`` on the carried real clips: an RGB run and an RGBF run (flow by the torch
+    TV-L1 on the device), 25 clips x 10 crops each (smoke: 1 clip), untrained c3d-b5 at 16x112x112 (speed does not depend on the
+    weights); the schema is the pipeline's default (128x171, OpenCV TV-L1 parameters, JPEG q90)."""
+    from model.predict import InputRecipe, Run, predict_videos
+    from pipeline.build_rgbf import BuildConfig, train_schema
+    from pipeline.decode import DecodeConfig
+    from pipeline.extract import ExtractConfig
+
+    decode = DecodeConfig(max_frames=ctx.plan.extract_max_frames)
+    schema = train_schema(dataclasses.replace(ExtractConfig(), decode=decode).schema(), BuildConfig()).to_dict()
+    videos = sorted((ctx.inputs / "videos").rglob("*.*"))
+    crop, clips = ctx.plan.step_clip[1], 25 if ctx.plan is FULL else 1  # smoke: 1 clip x 10 crops
+    sec.lines += [f"`predict_videos` on {len(videos)} real clips (decoded at 128x171, at most "
+                  f"{ctx.plan.extract_max_frames} frames), c3d-b5 (untrained) on 16x{crop}x{crop} views, "
+                  f"{clips} clips x 10 crops, one video at a time as `asym3d predict` runs; RGBF's flow by "
+                  f"{'the torch TV-L1 (compiled; its compile time included)' if ctx.device.type == 'cuda' else 'OpenCV TV-L1'}"
+                  f" on {ctx.device.type}. Each video's views are one `score_clips` call (batch 250).", "",
+                  "| input | videos | views | s | views/s | s per video |", "|---|---:|---:|---:|---:|---:|"]
+    for modality in ("rgb", "rgbf"):
+        if not sec.has_time(f"predict {modality}"):
+            return
+        net = model.build_model("c3d-b5", num_classes=101, clip=(16, crop, crop)).eval()
+        kwargs = {k: list(v) if k == "clip" else v for k, v in net.arch.items() if k != "name"}
+        state = {"model_name": "c3d-b5", "model_kwargs": kwargs, "model_state": net.state_dict(), "epoch": 0,
+                 "config": {"input": modality, "clip_len": 16, "crop": crop},
+                 "classes": [f"c{i}" for i in range(101)], "normalization": {"mean": [100.0] * 3, "std": [60.0] * 3},
+                 "schema": schema}
+        run = Run(modality, state, InputRecipe.from_schema(schema, modality, modality), net)
+        backend = "torch" if ctx.device.type == "cuda" else "cpu"
+        start = time.perf_counter()
+        done = [p for p in predict_videos([run], videos, clips=clips, batch_size=250, device=ctx.device.type,
+                                          flow_backend_name=backend) if sec.check(p.error is None, f"{p.error}")]
+        seconds = time.perf_counter() - start
+        views = sum(p.views for p in done)
+        sec.lines.append(f"| {modality} | {len(done)} | {views} | {seconds:.1f} | {views / seconds:.0f} | "
+                         f"{seconds / max(len(done), 1):.2f} |")
+        log(f"predict: {modality}: {views / seconds:.0f} views/s")
+
+
 SECTIONS: dict[str, Callable[[Context, Section], None]] = {
     "tvl1": section_tvl1, "extract": section_extract, "train": section_train, "steps": section_steps,
-    "loader": section_loader, "evaluate": section_evaluate, "ddp": section_ddp,
+    "loader": section_loader, "evaluate": section_evaluate, "ddp": section_ddp, "predict": section_predict,
 }
 
 

@@ -11,7 +11,8 @@ import model
 from cli import main
 from model.config import SCHEDULES, TrainConfig
 from model.counting import model_summary
-from model.evaluate import CROP_CHOICES, evaluate_run
+from model.clips import CROP_CHOICES
+from model.evaluate import evaluate_run
 from model.networks import WEIGHT_INITS
 from model.runtime import PRECISIONS
 from pipeline.build_rgbf import STORAGE, BuildConfig, build_rgbf
