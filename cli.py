@@ -286,7 +286,6 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     the flow shards deleted, rebuilding the training shards with other options means computing the flow again.
     """
     from pipeline.datasets import index_dataset
-    from pipeline.decode import DecodeConfig
     from pipeline.extract import ExtractConfig, extract_flow
     from pipeline.build_rgbf import FollowOn
     from pipeline.tvl1_params import TVL1Params

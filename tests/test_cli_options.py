@@ -2,6 +2,7 @@
 by --help is the library's default. A new option with choices or a default must be tied here (or say why not)."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import click
@@ -151,3 +152,10 @@ def test_demo_data_ranges_are_the_generator_limits() -> None:
         plan_videos(len(MOTIONS) + 1, NUM_SPLITS, NUM_SPLITS)
     with pytest.raises(DemoDataError):
         plan_videos(2, NUM_SPLITS, NUM_SPLITS - 1)
+
+
+def test_every_tvl1_parameter_is_an_option() -> None:
+    """extract-flow exposes each TV-L1 parameter under its OpenCV name (the initial flow is not a user setting)."""
+    names = {option.name for option in _options(_commands()["extract-flow"])}
+    fields = {field.name for field in dataclasses.fields(TVL1Params)} - {"useInitialFlow"}
+    assert fields <= names
