@@ -644,8 +644,8 @@ def section_ddp(ctx: Context, sec: Section) -> None:
 
 def section_predict(ctx: Context, sec: Section) -> None:
     """``model.predict.predict_videos`` on the carried real clips: an RGB run and an RGBF run (flow by the torch
-    TV-L1 on the device), 25 clips x 10 crops each (smoke: 1 clip), untrained c3d-b5 at 16x112x112 (speed does not depend on the
-    weights); the schema is the pipeline's default (128x171, OpenCV TV-L1 parameters, JPEG q90)."""
+    TV-L1 on the device), 25 clips x 10 crops each (smoke: 1 clip), untrained c3d-b5 at 16x112x112 (speed does not
+    depend on the weights); the schema is the pipeline's default (128x171, OpenCV TV-L1 parameters, JPEG q90)."""
     from model.predict import InputRecipe, Run, predict_videos
     from pipeline.build_rgbf import BuildConfig, train_schema
     from pipeline.decode import DecodeConfig
@@ -655,11 +655,11 @@ def section_predict(ctx: Context, sec: Section) -> None:
     schema = train_schema(dataclasses.replace(ExtractConfig(), decode=decode).schema(), BuildConfig()).to_dict()
     videos = sorted((ctx.inputs / "videos").rglob("*.*"))
     crop, clips = ctx.plan.step_clip[1], 25 if ctx.plan is FULL else 1  # smoke: 1 clip x 10 crops
+    flow = "the torch TV-L1 (compiled; its compile time included)" if ctx.device.type == "cuda" else "OpenCV TV-L1"
     sec.lines += [f"`predict_videos` on {len(videos)} real clips (decoded at 128x171, at most "
                   f"{ctx.plan.extract_max_frames} frames), c3d-b5 (untrained) on 16x{crop}x{crop} views, "
                   f"{clips} clips x 10 crops, one video at a time as `asym3d predict` runs; RGBF's flow by "
-                  f"{'the torch TV-L1 (compiled; its compile time included)' if ctx.device.type == 'cuda' else 'OpenCV TV-L1'}"
-                  f" on {ctx.device.type}. Each video's views are one `score_clips` call (batch 250).", "",
+                  f"{flow} on {ctx.device.type}. Each video's views are one `score_clips` call (batch 250).", "",
                   "| input | videos | views | s | views/s | s per video |", "|---|---:|---:|---:|---:|---:|"]
     for modality in ("rgb", "rgbf"):
         if not sec.has_time(f"predict {modality}"):

@@ -242,3 +242,35 @@ def test_export_onnx_without_its_extra_is_one_line(made, tmp_path):
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "pip install 'asym3d[onnx]'" in result.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_features_killed_mid_run_resume_to_the_uninterrupted_result(made, tmp_path):
+    """SIGKILL once a video is finished: the rerun keeps the finished parts, computes the rest, and the file equals
+    a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    videos = tmp_path / "videos"
+    for copy in range(3):  # 12 videos: the kill lands between the first finished video and the last
+        for name, source in {**TRAIN, **TEST}.items():
+            (videos / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, videos / name / f"{copy}{source.suffix}")
+    args = ["features", str(made["rgb"]), str(videos), "--device", "cpu", "--layer", "fc7"]
+    command = [sys.executable, "-m", "cli", *args, "--out", str(tmp_path / "killed.h5")]
+    process = subprocess.Popen(command, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parts = tmp_path / "killed.h5.parts"
+    deadline = time.monotonic() + 300
+    while not list(parts.glob("*.h5")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = len(list(parts.glob("*.h5")))
+    assert 1 <= finished < 12 and not (tmp_path / "killed.h5").exists()
+    assert f"{12 - finished} videos computed, {finished} already there" in invoke(*args, "--out", tmp_path / "killed.h5")
+    invoke(*args, "--out", tmp_path / "whole.h5")
+    killed, whole = feature_file(tmp_path / "killed.h5"), feature_file(tmp_path / "whole.h5")
+    assert sorted(killed) == sorted(whole) and len(whole) == 12 and not parts.exists()
+    assert all(np.array_equal(a, b) for video in whole for a, b in zip(killed[video], whole[video]))
