@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             base = base or wall
             name = f"--jobs {jobs}, one process per shard" if jobs > 1 else (
                 f"one backend process + {workers} encode workers" if workers else "one process")
-            print(f"| {name} | {wall:.1f} | {frames / wall:.0f} | {cpu:.1f} | {base / wall:.2f}x |")
+            print(f"| {name} | {wall:.1f} | {frames / wall:.1f} | {cpu:.1f} | {base / wall:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -206,3 +206,17 @@ def test_encode_workers_exit_with_a_killed_run_and_the_rerun_finishes(two_stages
     cfg = ExtractConfig(decode=DecodeConfig(max_frames=6), backend="cpu", videos_per_shard=1)
     summary = extract_flow(index_dataset("folder", root), flow, cfg, train=FollowOn(train), progress=False)
     assert summary.videos_ok == 4 and summary.shards_skipped >= 1 and not list(train.glob("*.tmp.*"))
+
+
+def test_owner_pools_bench_runs_at_a_tiny_size(capsys) -> None:
+    """bench/owner_pools.py on two real clips, 3 frames each: one process, one with an encode worker, --jobs 2."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import owner_pools
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    owner_pools.main(["--clips", str(CLIPS / "ucf101"), "--max-frames", "3", "--rows", "0,1,jobs2"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["one process", "one backend process + 1 encode workers",
+                                            "--jobs 2, one process per shard"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
