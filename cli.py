@@ -269,12 +269,16 @@ def _tvl1_options(func):
                    "instead, made in memory: no flow shard is written, so peak disk ~ the training shards, not 7x "
                    "them")
 @click.option("--keep-flow", is_flag=True, help="with --train-dir: write the flow shards too")
+@click.option("--encode-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --train-dir and --jobs 1: processes computing the training images and JPEG while the one "
+                   "process holding the flow backend decodes ahead and computes flow (0: all in that process)")
 @_build_options
 @click.pass_context
 def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, splits_dir, labels_file,
                      categories_file, keep_file, classes, max_missing, max_failures, size, fps, max_frames, timeout,
                      backend, device, batch_size, solver, videos_per_shard, jobs, scheduler, retry_failed, repair,
-                     overwrite, train_dir, keep_flow, modalities, storage, jpeg_quality, flow_bound, **tvl1) -> None:
+                     overwrite, train_dir, keep_flow, encode_workers, modalities, storage, jpeg_quality, flow_bound,
+                     **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
@@ -290,7 +294,7 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     from pipeline.build_rgbf import FollowOn
     from pipeline.tvl1_params import TVL1Params
 
-    given = [name for name in (*_BUILD_OPTIONS, "keep_flow")
+    given = [name for name in (*_BUILD_OPTIONS, "keep_flow", "encode_workers")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given and train_dir is None:
         raise click.UsageError(f"--{given[0].replace('_', '-')} needs --train-dir")
@@ -299,7 +303,7 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
                                             timeout_s=timeout),
                         backend=backend, tvl1=TVL1Params(**tvl1), device=device, batch_size=batch_size,
-                        solver=solver, videos_per_shard=videos_per_shard)
+                        solver=solver, videos_per_shard=videos_per_shard, encode_workers=encode_workers)
     _check_runner(jobs, scheduler)
     index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file, categories_file=categories_file,
                           keep_file=keep_file, classes=classes, max_missing=max_missing)

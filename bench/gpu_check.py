@@ -121,6 +121,7 @@ class Plan:
     extract_solvers: list[str]
     extract_max_frames: int
     extract_pairs: int  # real pairs end to end: the carried clips repeated under new names until there are this many
+    extract_encode_workers: list[int]  # --encode-workers per end-to-end run (0: the backend's process does it all)
     solver_batch: int  # the solver alone, per solver mode (see section_extract)
     solver_modes: list[str]
     limits: dict[str, float] = field(default_factory=dict)  # section -> seconds
@@ -150,7 +151,7 @@ FULL = Plan(
                                            ("Basketball", "g02_c03"), ("Biking", "g05_c02"), ("HeadMassage", "g02_c05"),
                                            ("PlayingGuitar", "g16_c02"), ("Punch", "g03_c01"), ("PushUps", "g02_c03"),
                                            ("Shotput", "g05_c02"))],
-    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000,
+    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000, extract_encode_workers=[0, 8],
     solver_batch=1024, solver_modes=["compiled", "reduce-overhead"],
     limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 40, "loader": 20, "evaluate": 30, "ddp": 15,
             "predict": 40},
@@ -169,8 +170,8 @@ SMOKE = Plan(
     eval_compare_clips=1, eval_batches=[30], eval_workers=0,
     tvl1_solvers=["eager", "fused"],
     extract_clips=[UCF("PushUps", "g02_c03"), TAI_CHI], extract_solvers=["eager"], extract_max_frames=3,
-    extract_pairs=8, solver_batch=2, solver_modes=["eager"],
-    limits={"tvl1": 60, "extract": 90, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20,
+    extract_pairs=8, extract_encode_workers=[1], solver_batch=2, solver_modes=["eager"],
+    limits={"tvl1": 60, "extract": 150, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20,
             "predict": 60},
 )
 
@@ -366,34 +367,38 @@ def section_extract(ctx: Context, sec: Section) -> None:
     frames = json.loads((ctx.inputs / "videos.json").read_text())
     repeat = max(1, math.ceil(ctx.plan.extract_pairs / sum(n - 1 for n in frames.values())))
     sec.lines += [f"`asym3d extract-flow ROOT FLOW --train-dir TRAIN --dataset folder --backend torch --solver S "
-                  f"--device {ctx.device.type} --jobs 1 --max-frames {ctx.plan.extract_max_frames}` in one process "
+                  f"--device {ctx.device.type} --jobs 1 --max-frames {ctx.plan.extract_max_frames} --encode-workers "
+                  "W` in one process "
                   f"(bench/extract_e2e.py): {len(frames)} real clips x {repeat} names, from the videos to JPEG training "
                   "shards. Solver = the TV-L1 calls, synchronised; share = solver / wall (wall includes start-up, "
-                  "the compile of a cold cache, decoding, writing). Peak host = the process's max RSS (ffmpeg "
-                  "children apart); peak device = the allocator's peak.", "",
-                  "| solver | videos ok | pairs | wall s | pairs/s | solver s | solver share | peak host GiB | "
-                  "peak ffmpeg GiB | peak device GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for solver in ctx.plan.extract_solvers:
-        if not sec.has_time(f"extract-flow --train-dir --solver {solver}"):
+                  "the compile of a cold cache, decoding, writing). Peak host = the process's max RSS (its children "
+                  "apart: the largest ffmpeg is the next column, encode workers are not counted); peak device = the allocator's peak.", "",
+                  "| solver | encode workers | videos ok | pairs | wall s | pairs/s | solver s | solver share | "
+                  "peak host GiB | peak ffmpeg GiB | peak device GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for solver, workers in ((s, w) for s in ctx.plan.extract_solvers for w in ctx.plan.extract_encode_workers):
+        what = f"--solver {solver} --encode-workers {workers}"
+        if not sec.has_time(f"extract-flow --train-dir {what}"):
             continue
         command = [sys.executable, str(BENCH / "extract_e2e.py"), str(ctx.inputs / "videos"),
-                   str(ctx.work / f"e2e-{solver}"), "--repeat", str(repeat), "--", "--backend", "torch", "--solver",
-                   solver, "--device", ctx.device.type, "--max-frames", str(ctx.plan.extract_max_frames)]
+                   str(ctx.work / f"e2e-{solver}-{workers}"), "--repeat", str(repeat), "--", "--backend", "torch",
+                   "--solver", solver, "--device", ctx.device.type, "--max-frames", str(ctx.plan.extract_max_frames),
+                   "--encode-workers", str(workers)]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(sec.left(), 10))
         report = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
         ran = report is not None and report["exit"] == 0
-        sec.check(ran, f"extract-flow --train-dir --solver {solver}")
+        sec.check(ran, f"extract-flow --train-dir {what}")
         if not ran:
-            sec.lines += [f"| {solver} | failed | | | | | | | | |", "", "```",
+            sec.lines += [f"| {solver} | {workers} | failed | | | | | | | | |", "", "```",
                           *(done.stdout + done.stderr).strip().splitlines()[-15:], "```", ""]
             continue
         sec.check(report["videos_ok"] == report["videos"] and report["pairs"] >= ctx.plan.extract_pairs,
-                  f"--solver {solver}: {report['videos_ok']} of {report['videos']} videos, {report['pairs']} pairs")
-        sec.lines.append(f"| {solver} | {report['videos_ok']} | {report['pairs']} | {report['wall_s']:.1f} | "
-                         f"{report['pairs'] / report['wall_s']:.1f} | {report['solver_s']:.1f} | "
+                  f"{what}: {report['videos_ok']} of {report['videos']} videos, {report['pairs']} pairs")
+        sec.lines.append(f"| {solver} | {workers} | {report['videos_ok']} | {report['pairs']} | "
+                         f"{report['wall_s']:.1f} | {report['pairs'] / report['wall_s']:.1f} | {report['solver_s']:.1f} | "
                          f"{report['solver_s'] / report['wall_s']:.2f} | {report['peak_host_gib']} | "
                          f"{report['peak_ffmpeg_gib']} | {report['peak_device_gib'] or 'n/a'} |")
-        log(f"extract: --train-dir --solver {solver}: {report['pairs']} pairs in {report['wall_s']:.1f} s "
+        log(f"extract: --train-dir {what}: {report['pairs']} pairs in {report['wall_s']:.1f} s "
             f"(solver {report['solver_s']:.1f} s)")
     solver_alone(ctx, sec)
 
