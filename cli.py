@@ -399,12 +399,34 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
                f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
 
 
+class _DeviceOption(click.Option):
+    """``--device`` of train and evaluate: help text and check from :mod:`model.runtime` (one source), imported only
+    when needed so that the CLI starts without torch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, default="auto", show_default=True, callback=self._check, **kwargs)
+
+    def get_help_record(self, ctx: click.Context):
+        from model.runtime import DEVICE_HELP
+
+        self.help = DEVICE_HELP
+        return super().get_help_record(ctx)
+
+    @staticmethod
+    def _check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from model.runtime import check_device
+
+        return check_device(value)  # its ConfigError names --device; main prints it in one line
+
+
 @main.command("train")
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", required=True, help="network name (see `asym3d models`)")
 @click.option("--input", "modality", type=click.Choice(["rgb", "flow", "rgbf"]), default="rgb", show_default=True)
-@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True, help="train on this split")
-@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN")
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+              help="train on this split, into OUT")
+@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN (evaluate reads either "
+                               "layout from run.json)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run dir")
 @click.option("--schedule", type=click.Choice(["pretrain", "finetune", "none"]), default="none", show_default=True,
               help="paper §4.3 presets: pretrain lr 1e-3 /5 every 15 epochs, 50 epochs; finetune lr 1e-4 /10 every "
@@ -414,10 +436,11 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
 @click.option("--lr", type=_Finite(min=0, min_open=True), help="learning rate")
 @click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
 @click.option("--workers", type=click.IntRange(min=0), help="data loader processes [default: 2]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", cls=_DeviceOption)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
-              help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
+              help="frames x crop x crop; the crop must fit the stored frames (128x171 by default) and the network's "
+                   "weights, gradients and momentum the device's memory")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
               help="dropout rate after fc6 and fc7 [default: 0.5, the paper's]")
@@ -435,7 +458,9 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
               help="largest fraction of planned videos that may be absent from the shards")
 @click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
               help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
-def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
+@click.pass_context
+def train_cmd(ctx: click.Context, shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None,
+              out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, weight_init: str | None,
               init: Path | None, resume: bool, compile_: bool, precision: str, max_missing: float,
@@ -451,6 +476,8 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 
     if clip[1] != clip[2]:
         raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")
+    if splits and ctx.get_parameter_source("split") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --split N or --splits N,M,.., not both")
     cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
@@ -475,7 +502,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 @click.option("--crops", type=click.Choice(["1", "10"]), default="10", show_default=True,
               help="10: centre + 4 corners, each also mirrored; 1: centre only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True, help="views per batch")
-@click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]")
+@click.option("--device", cls=_DeviceOption)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="data loader workers")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="report directory [default: RUN_DIR/eval, or RUN_A/eval/fused_A+B with --fuse]")
@@ -487,7 +514,8 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None, checkpoints: tuple[str, ...],
                  clips: int, crops: str, batch_size: int, device: str | None, workers: int, out: Path | None,
                  fuse: bool, weights: str | None, feature_layer: str | None, as_json: bool) -> None:
-    """Test RUN_DIR's per-split checkpoints (RUN_DIR/splitN/best.pt) with the paper's 25 clips x 10 crops.
+    """Test RUN_DIR's checkpoints with the paper's 25 clips x 10 crops: RUN_DIR/splitN/best.pt of a --splits run,
+    RUN_DIR/best.pt of a --split N run (run.json says which split it holds).
 
     Writes to --out: results.md/.json (per split top-1, top-5, mean class accuracy; mean and std over splits),
     per_class_splitN.csv, confusion_splitN.png and scores_splitN.npz. With --fuse RUN_A RUN_B: the weighted mean
@@ -498,7 +526,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     from model.evaluate import evaluate_run
     from model.results import parse_splits
     from model.fusion import fuse_runs, parse_weights
-    from pipeline.devices import check_device
 
     split_list = parse_splits(splits)
     if fuse:
@@ -509,8 +536,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     else:
         if len(run_dirs) != 1 or weights:
             raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
-        if device:
-            check_device(device)
         summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
                                clips=clips, crops=int(crops), batch_size=batch_size, device=device,
                                workers=workers, feature_layer=feature_layer)

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.lock import DirectoryLock
 
-from .reports import load_scores, write_reports
+from .reports import check_report_identity, load_scores, write_reports
 from .results import EvaluationError, SplitResult
 
 
@@ -84,4 +85,6 @@ def fuse_runs(run_dirs: Sequence[Path], splits: Sequence[int], *, weights: Seque
     out = out or Path(run_dirs[0]) / "eval" / f"fused_{names}"
     identity = {"fused": [str(Path(run).resolve()) for run in run_dirs], "splits": list(splits),
                 "weights": list(weights) if weights else None}
-    return write_reports(fused, out, title=f"fusion {names}", identity=identity)
+    check_report_identity(out, identity)  # before anything is created; again under the lock
+    with DirectoryLock(out):
+        return write_reports(fused, out, title=f"fusion {names}", identity=identity)
