@@ -122,3 +122,10 @@ def test_storage() -> None:
         raw, jpeg = row(out, f"| {modality} | raw |"), row(out, f"| {modality} | jpeg q90 4:2:0 |")
         assert number(raw[3]) >= 1.0 and number(raw[4]) == 0.0 and number(raw[5]) > 0  # lossless, plus HDF5 overhead
         assert number(jpeg[3]) < 0.5 and number(jpeg[4]) > 0 and number(jpeg[6]) > 0
+
+
+def test_checkpoint_verify() -> None:
+    out = run_bench("checkpoint_verify.py", "--clip", "16x16x16", "--classes", "2", "--repeats", "1")
+    assert "| step | bare torch CPU s | verified CPU s | verified / bare |" in out
+    for step in ("save", "load"):
+        assert all(number(cell) > 0 for cell in row(out, f"| {step} |")[1:])
