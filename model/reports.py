@@ -62,12 +62,13 @@ def check_report_identity(out: Path, identity: dict[str, Any] | None) -> None:
 
 
 def _save_npz(result: SplitResult, path: Path, **arrays: np.ndarray) -> None:
-    """``arrays`` plus the video ids, labels, classes, split and checkpoint choice, as plain arrays (loadable without
-    pickle)."""
+    """``arrays`` plus the video ids, labels, classes, split and the checkpoint's choice and digest, as plain arrays
+    (loadable without pickle)."""
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, video_ids=np.array(result.video_ids, dtype=str), labels=result.labels,
                  classes=np.array(result.classes, dtype=str), split=np.int64(result.split),
-                 choice=np.array(str(result.source.get("choice", ""))), **arrays)
+                 choice=np.array(str(result.source.get("choice", ""))),
+                 digest=np.array(str(result.source.get("digest", ""))), **arrays)
 
 
 def save_scores(result: SplitResult, path: Path) -> None:
@@ -89,8 +90,8 @@ def load_scores(path: Path) -> SplitResult:
             return SplitResult(split=int(data["split"]), video_ids=[str(v) for v in data["video_ids"]],
                                labels=data["labels"].astype(np.int64), scores=data["scores"],
                                classes=[str(c) for c in data["classes"]], views=data["views"],
-                               source={"scores": str(path),
-                                       "choice": str(data["choice"]) if "choice" in data.files else ""})
+                               source={"scores": str(path), **{key: str(data[key]) if key in data.files else ""
+                                                               for key in ("choice", "digest")}})
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # truncated or damaged: the zip's
         raise EvaluationError(f"{path}: not a readable scores file ({err})") from None  # CRCs are checked on read
 

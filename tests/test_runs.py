@@ -51,12 +51,12 @@ def one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``lab/shards`` and two one-split runs trained from ``lab`` on the relative path ``shards``: ``lab/rgb`` and
-    ``lab/rgbf`` (``--split 1``), and ``lab/multi`` (``--splits 1``, rgb)."""
+    """``lab/shards`` and runs trained from ``lab`` on the relative path ``shards``: ``lab/rgb``, ``lab/rgbf`` and
+    ``lab/flow`` (``--split 1``), and ``lab/multi`` (``--splits 1``, rgb)."""
     lab = tmp_path_factory.mktemp("lab")
     write_toy_shards(lab / "shards")
     for out, extra in (("rgb", ["--split", "1"]), ("rgbf", ["--split", "1", "--input", "rgbf"]),
-                       ("multi", ["--splits", "1"])):
+                       ("flow", ["--split", "1", "--input", "flow"]), ("multi", ["--splits", "1"])):
         asym3d("train", "shards", *TRAIN, *extra, "--out", out, cwd=lab)
     return lab
 
@@ -139,7 +139,7 @@ def _flow_shards(root: Path) -> Path:
 
 def test_evaluate_shards_are_gated_like_training(lab: Path, tmp_path: Path) -> None:
     flow = _flow_shards(tmp_path / "flow")
-    for run in ("rgb", "rgbf"):
+    for run in ("rgb", "rgbf", "flow"):
         one_line(asym3d("evaluate", lab / run, "--splits", "1", "--shards", flow, *FAST, "--out",
                         tmp_path / "report", cwd=lab, check=False),
                  f"{flow}: holds 'flow' shards, not training shards")
@@ -161,6 +161,25 @@ def test_a_report_names_the_checkpoint_it_scored(lab: Path, tmp_path: Path) -> N
     one_line(asym3d("evaluate", run, "--splits", "1", "--checkpoint", "last", *FAST, cwd=lab, check=False),
              "results.json: holds a report of", "'epoch': 1", "refusing to replace it")
     assert (run / "eval" / "results.json").read_text() == first
+
+
+def test_a_fused_report_names_the_checkpoints_its_scores_came_from(lab: Path, tmp_path: Path) -> None:
+    """rgbf's last.pt moves from epoch 1 to 2 and is evaluated again: a fusion of the new scores is another report."""
+    runs = {name: tmp_path / name for name in ("rgb", "rgbf")}
+    for name, run in runs.items():
+        shutil.copytree(lab / name, run, ignore=shutil.ignore_patterns("eval"))
+        asym3d("evaluate", run, "--splits", "1", "--checkpoint", "last", *FAST, cwd=lab)
+    fused = runs["rgb"] / "eval" / "fused_rgb+rgbf" / "results.json"
+    asym3d("evaluate", "--fuse", runs["rgb"], runs["rgbf"], "--splits", "1", cwd=lab)
+    first = fused.read_text()
+    assert json.loads(first)["identity"]["checkpoints"] == [
+        [load_checkpoint(run / "last.pt")["digest"] for run in runs.values()]]
+    asym3d("train", "shards", *TRAIN, "--input", "rgbf", "--epochs", "2", "--out", runs["rgbf"], "--resume", cwd=lab)
+    shutil.rmtree(runs["rgbf"] / "eval")
+    asym3d("evaluate", runs["rgbf"], "--splits", "1", "--checkpoint", "last", *FAST, cwd=lab)
+    one_line(asym3d("evaluate", "--fuse", runs["rgb"], runs["rgbf"], "--splits", "1", cwd=lab, check=False),
+             "results.json: holds a report of", "refusing to replace it")
+    assert fused.read_text() == first
 
 
 def test_evaluate_holds_its_report_lock_for_the_whole_run(lab: Path, tmp_path: Path) -> None:
