@@ -241,6 +241,7 @@ class _Run:
 
         shards = open_training_shards(cfg.shard_dir, cfg.input)
         self.classes = shards.classes
+        self.schema = shards.schema.to_dict()  # how the shards were made, so `asym3d predict` can make its input
         self.videos = split_videos(shards, cfg.split, cfg.input, cfg.max_missing)
         if self.videos.absent:
             self.log(f"{cfg.shard_dir}: {self.videos.absent} of {self.videos.planned} planned videos are absent "
@@ -390,6 +391,7 @@ class _Run:
             "config": dataclasses.asdict(self.cfg),
             "normalization": self.normalization,
             "classes": self.classes,
+            "schema": self.schema,
             "rng_state": capture_rng_state(),
             "metrics": metrics,
             "shards": self.shard_identity,
