@@ -10,7 +10,7 @@ import click
 from model.clips import CROP_CHOICES
 from model.config import SCHEDULES, TrainConfig
 from model.networks import WEIGHT_INITS
-from model.runtime import PRECISIONS
+from model.runtime import DEVICE_HELP, PRECISIONS, check_device, resolve_device
 from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
 from pipeline.datasets import DATASET_KINDS
 from pipeline.decode import DecodeConfig
@@ -426,6 +426,10 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
                f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return check_device(value)  # its ConfigError names --device; main prints it in one line
+
+
 def _schedules_text() -> str:
     """The presets of model.config.SCHEDULES in words, for --schedule's help (a preset's missing keys keep
     TrainConfig's defaults)."""
@@ -443,8 +447,10 @@ def _schedules_text() -> str:
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", required=True, help="network name (see `asym3d models`)")
 @click.option("--input", "modality", type=click.Choice(MODALITIES), default=TrainConfig.input, show_default=True)
-@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True, help="train on this split")
-@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN")
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+              help="train on this split, into OUT")
+@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN (evaluate reads either "
+                               "layout from run.json)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run dir")
 @click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=TrainConfig.schedule, show_default=True,
               help=f"paper §4.3 presets: {_schedules_text()}. Options below override")
@@ -455,11 +461,12 @@ def _schedules_text() -> str:
 @click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
 @click.option("--workers", type=click.IntRange(min=0),
               help=f"data loader processes [default: {TrainConfig.workers}]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
               help=f"frames x crop x crop; the crop must fit the stored frames ({DecodeConfig.height}x"
-                   f"{DecodeConfig.width} by default)")
+                   f"{DecodeConfig.width} by default) and the network's weights, gradients and momentum the "
+                   "device's memory")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
               help=f"dropout rate after fc6 and fc7 [default: {TrainConfig.dropout:g}, the paper's]")
@@ -478,7 +485,9 @@ def _schedules_text() -> str:
               help="largest fraction of planned videos that may be absent from the shards")
 @click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
               help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
-def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
+@click.pass_context
+def train_cmd(ctx: click.Context, shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None,
+              out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, weight_init: str | None,
               init: Path | None, resume: bool, compile_: bool, precision: str, max_missing: float,
@@ -494,6 +503,8 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 
     if clip[1] != clip[2]:
         raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")
+    if splits and ctx.get_parameter_source("split") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --split N or --splits N,M,.., not both")
     cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
@@ -518,7 +529,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 @click.option("--crops", type=click.Choice([str(n) for n in CROP_CHOICES]), default="10", show_default=True,
               help="10: centre + 4 corners, each also mirrored; 1: centre only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True, help="views per batch")
-@click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="data loader workers")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="report directory [default: RUN_DIR/eval, or RUN_A/eval/fused_A+B with --fuse]")
@@ -528,9 +539,10 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
               help="also write features_splitN.npz: that layer's ReLU output averaged over each video's views")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the markdown table")
 def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None, checkpoints: tuple[str, ...],
-                 clips: int, crops: str, batch_size: int, device: str | None, workers: int, out: Path | None,
+                 clips: int, crops: str, batch_size: int, device: str, workers: int, out: Path | None,
                  fuse: bool, weights: str | None, feature_layer: str | None, as_json: bool) -> None:
-    """Test RUN_DIR's per-split checkpoints (RUN_DIR/splitN/best.pt) with the paper's 25 clips x 10 crops.
+    """Test RUN_DIR's checkpoints with the paper's 25 clips x 10 crops: RUN_DIR/splitN/best.pt of a --splits run,
+    RUN_DIR/best.pt of a --split N run (run.json says which split it holds).
 
     Writes to --out: results.md/.json (per split top-1, top-5, mean class accuracy; mean and std over splits),
     per_class_splitN.csv, confusion_splitN.png and scores_splitN.npz. With --fuse RUN_A RUN_B: the weighted mean
@@ -541,7 +553,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     from model.evaluate import evaluate_run
     from model.results import parse_splits
     from model.fusion import fuse_runs, parse_weights
-    from pipeline.devices import check_device
 
     split_list = parse_splits(splits)
     if fuse:
@@ -552,8 +563,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     else:
         if len(run_dirs) != 1 or weights:
             raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
-        if device:
-            check_device(device)
         summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
                                clips=clips, crops=int(crops), batch_size=batch_size, device=device,
                                workers=workers, feature_layer=feature_layer)
@@ -589,7 +598,7 @@ def _predict_options(func):
                           "written before checkpoints carried it)"),
         click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True,
                      help="views per batch"),
-        click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]"),
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device),
         # model.predict.TVL1_BACKENDS, written out so that the CLI starts without importing torch (a test compares)
         click.option("--flow-backend", type=click.Choice(["auto", "cpu", "cuda", "torch"]), default="auto",
                      show_default=True,
@@ -610,7 +619,7 @@ def _predict_options(func):
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list (one entry per video) at the end")
 @click.option("--csv", "as_csv", is_flag=True, help="print CSV rows: video,rank,class,probability")
 def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
-                device: str | None, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
+                device: str, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
                 as_json: bool, as_csv: bool) -> None:
     """Classify videos: RUN [RUN ...] VIDEO_OR_DIR ...
 
@@ -621,16 +630,14 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
     """
     import json
 
-    from model.evaluate import default_device
     from model.fusion import parse_weights
     from model.predict import find_videos, load_run, predict_videos
-    from pipeline.devices import check_device
 
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
     run_paths, inputs = _split_runs(paths)
     weight_list = parse_weights(weights) if weights else None
-    device = check_device(device or default_device())
+    device = str(resolve_device(device))
     runs = [load_run(path, split=split, choice=choice, shards=shard_dir) for path in run_paths]
     classes = runs[0].classes
     results, failed = [], 0
@@ -668,7 +675,7 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
                                                "[default: the centre crop]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the .h5 file")
 def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
-                 device: str | None, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
+                 device: str, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
     """C3D-style features: RUN [VIDEO_OR_DIR ...], or RUN --shards SHARD_DIR for every video stored there.
 
     One vector per window of the run's clip length every --stride frames, and per video their mean, keyed by video
@@ -676,16 +683,14 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
     (an interrupted run keeps what it finished in OUT.parts/); a video that cannot be used is one line on stderr
     and the rest go on (exit status 1 then).
     """
-    from model.evaluate import default_device
     from model.features import check_writable, extract_features, shard_sources, video_sources
     from model.predict import find_videos, load_run
-    from pipeline.devices import check_device
 
     run_paths, inputs = _split_runs(paths, inputs_required=shard_dir is None)
     if len(run_paths) != 1:
         raise click.UsageError("give one RUN")
     check_writable(out)
-    device = check_device(device or default_device())
+    device = str(resolve_device(device))
     run = load_run(run_paths[0], split=split, choice=choice, shards=shard_dir)
     sources = (video_sources(run, find_videos(inputs), flow_backend, device) if inputs
                else shard_sources(run, shard_dir))

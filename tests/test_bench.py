@@ -129,6 +129,13 @@ def test_storage() -> None:
         assert number(jpeg[3]) < 0.5 and number(jpeg[4]) > 0 and number(jpeg[6]) > 0
 
 
+def test_checkpoint_verify() -> None:
+    out = run_bench("checkpoint_verify.py", "--clip", "16x16x16", "--classes", "2", "--repeats", "1")
+    assert "| step | bare torch CPU s | verified CPU s | verified / bare |" in out
+    for step in ("save", "load"):
+        assert all(number(cell) > 0 for cell in row(out, f"| {step} |")[1:])
+
+
 def test_predict_time() -> None:
     out = run_bench("predict_time.py", "--frames", "6", "--size", "32x43", "--clips", "1", "--crop", "16")
     assert "| video | frames | decode | TV-L1 flow (cpu) | flow store + RGBF + JPEG | predict RGB |" in out
