@@ -179,6 +179,12 @@ def train_step(net: nn.Module, setup: Setup, fused: bool = True) -> Callable[[],
     return captured(step, setup.device) if setup.mode == "graphs" else step
 
 
+def build(label: str, clip: tuple[int, int, int]) -> tuple[nn.Module, str]:
+    """A net and its cascade path from a label: "b5-asyConv345" (eager cascades) or "b5-asyConv345 fused"."""
+    name, _, path = label.partition(" ")
+    return model.build_model(name, clip=clip), path or "eager"
+
+
 def stage_step(block: nn.Module, in_shape: tuple[int, ...], setup: Setup) -> Callable[[], None]:
     """Forward + backward of one stage (conv block and pool) alone; the input gradient is computed as in the net."""
     block = prepare(block, setup)
@@ -230,10 +236,7 @@ def stage_costs(nets: list[str], setup: Setup, iters: int, warmup: int,
     """Per stage (outer list), each net's :class:`StageCost` timed round-robin; with ``kernels`` > 0 also the
     profiler's top kernels of each (stage, net). Nets may repeat with a different cascade path: "b5-asyConv345
     fused" names the net with its fusable cascades on the fused path."""
-    built = {}
-    for label in nets:
-        name, _, path = label.partition(" ")
-        built[label] = (model.build_model(name, clip=setup.clip), path or "eager")
+    built = {label: build(label, setup.clip) for label in nets}
     layers = {label: model.layer_costs(label.split(" ")[0], clip=setup.clip) for label in nets}
     first = nets[0]
     shapes = [(3, *setup.clip)] + [r.out_shape for r in layers[first] if r.name.startswith("pool")]
