@@ -31,9 +31,10 @@ Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/rea
     make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the simplejpeg wheel for the device
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
-~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...`` (the sections' limits add up to 785 s, more
-than one 10-minute call: pick some; issue 25's are ``GPU_SECTIONS=steps,stages,fused``, 410 s, timeout_s 540). Everything else it imports (torch,
-numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the device's image; OpenCV contrib is never
+~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...`` (the sections' limits add up to 775 s, more
+than one 10-minute call: pick some; issue 25's are ``GPU_SECTIONS=steps,stages,fused``, 410 s, timeout_s 540).
+Everything else it imports (torch, triton, numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the
+device's image; OpenCV contrib is never
 imported there (its TV-L1 references are computed here).
 
 Smoke (what the tests run): ``bench/gpu_check.py --prepare DIR --smoke && bench/gpu_check.py --inputs DIR --smoke
@@ -600,7 +601,8 @@ def stage_table(ctx: Context, sec: Section, nets: list[str], setup: step_time.Se
     total = {net: sum(row[i].seconds for row in rows) for i, net in enumerate(nets)}
     sec.lines += [f"#### {' vs '.join(nets)}: {setup.describe()}", "",
                   "| stage | network | what | GMACs/clip | min MB | ms | share | MAC ratio | time ratio | "
-                  "MAC floor ms | bytes floor ms | x floor |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "MAC floor ms | bytes floor ms | x floor |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         base = row[0]
         for cost in row:
@@ -675,7 +677,8 @@ def section_fused(ctx: Context, sec: Section) -> None:
                   "channels_last_3d), both against a float64 cascade of the same inputs; error = max |difference| / "
                   f"max |float64|. Bound: float32 (TF32 off) {FUSED_FP32_BOUND:.0e}; bfloat16: eager's own error + "
                   f"{FUSED_BF16_EXTRA:.1e}.", "",
-                  "| C | N | TxHxW | k | dtype | fused error | eager error | check |", "|---:|---:|---|---:|---|---:|---:|---|"]
+                  "| C | N | TxHxW | k | dtype | fused error | eager error | check |",
+                  "|---:|---:|---|---:|---|---:|---:|---|"]
     step_time.use_precision("fp32")
     for shape in speed.fused_shapes:
         for dtype in precisions:

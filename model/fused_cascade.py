@@ -35,8 +35,12 @@ try:
 except ImportError:  # the eager cascade is used instead (model.layers warns once)
     triton = None
 
-#: Tile sizes: output positions along W per program, and the channel blocks of each stage's contraction.
-BLOCK_W, BLOCK_C, BLOCK_L, BLOCK_N = 16, 32, 32, 32
+#: Tile sizes: output positions along W per program, and the channel blocks of each stage's contraction; warps per
+#: program. Chosen without a GPU, from ptxas's report for sm_90 (Triton 3.8, bf16, k 3, 256 channels): 8 warps and
+#: BLOCK_N 16 spilled least (624 bytes a thread; 4 warps 2,728, BLOCK_N 32 1,008) and in float32 halve the shared
+#: memory (112 KiB against 208). Their speed is measured by the device check, not here.
+BLOCK_W, BLOCK_C, BLOCK_L, BLOCK_N = 16, 32, 32, 16
+NUM_WARPS = 8
 
 
 def interpreting() -> bool:
@@ -148,8 +152,8 @@ def cascade_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: tor
         x, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), w3.contiguous(), b3.contiguous(), y,
         channels, n, frames, height, width, *x.stride(), *y.stride(),
         KH=kh, KW=kw, N_PAD=max(16, triton.next_power_of_2(n)), BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C,
-        BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N, DOT=dot, IO=io, SOFT_ROUND=interpreting() and x.dtype != torch.float32,
-        PRECISION=precision)
+        BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N, DOT=dot, IO=io,
+        SOFT_ROUND=interpreting() and x.dtype != torch.float32, PRECISION=precision, num_warps=NUM_WARPS)
     return y
 
 
