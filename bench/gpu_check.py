@@ -9,7 +9,12 @@ so the script cannot rot between the sessions that have a GPU.
 Sections (each checks, then times; a failed check or an error fails its section, the others still run):
 
 - tvl1: torch TV-L1 (``pipeline.tvl1_torch``) on the device against OpenCV's CPU TV-L1 computed here, on real frames
-  at 171x128 and 340x256 (mean end-point error <= 0.05 px); pairs/s and peak memory over batch sizes.
+  at 171x128 and 340x256 (mean end-point error <= 0.05 px) for every solver; pairs/s and peak memory over batch
+  sizes.
+- extract: videos to training shards on the device (issue 21): ``extract-flow --train-dir --backend torch`` end to
+  end on >= 20,000 real pairs (the carried clips linked under new names), pairs/s, the solver's share of the wall
+  time, peak host and device memory (``bench/extract_e2e.py``); then the solver alone at batch 1024, compiled with
+  and without CUDA graphs (torch.compile's reduce-overhead).
 - train: the trainer itself (``model.train.train``: bf16 autocast, channels_last_3d and cuDNN autotuning on CUDA)
   overfits c3d-b5, b5-asyConv345, b5-M2 and asym3d on real clips, eager and with ``--compile`` (loss finite and
   falling); one resumed epoch; a checkpoint round trip.
@@ -23,19 +28,22 @@ Sections (each checks, then times; a failed check or an error fails its section,
 - loader: training clips/s from the carried JPEG shards with N DataLoader workers against the trainer's demand.
 - evaluate: a checkpoint trained on the device evaluated on the device and on the CPU (same predictions); views/s of
   the paper's 25 clips x 10 crops protocol.
+- predict: ``asym3d predict``'s views/s on the device (issue 23): real clips decoded, their input made as the run's
+  shards were (an RGB run; an RGBF run with the torch TV-L1 on the device) and scored with 25 clips x 10 crops.
 - ddp: one DistributedDataParallel training step in a one-process group (NCCL on CUDA, gloo on CPU) against the same
   step without DDP.
 
 Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/real_clips``):
 
-    make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the simplejpeg wheel for the device
+    make gpu-check-inputs    # bench/gpu_check.py --prepare .gpu_check, plus the four wheels the device lacks
+                             # (GPU_WHEELS: simplejpeg, ffmpeg-python, its dependency future, imageio-ffmpeg)
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
-~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...`` (the sections' limits add up to 775 s, more
-than one 10-minute call: pick some; issue 25's are ``GPU_SECTIONS=steps,stages,fused``, 410 s, timeout_s 540).
+~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...``: one call runs at most 600 s, and the sections'
+limits add up to 1,085 s, so run them as three calls: ``GPU_SECTIONS=extract`` (330 s, timeout_s ~400),
+``GPU_SECTIONS=steps,stages,fused`` (issue 25: 410 s, timeout_s 540) and the others (345 s, timeout_s ~420).
 Everything else it imports (torch, triton, numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the
-device's image; OpenCV contrib is never
-imported there (its TV-L1 references are computed here).
+device's image; OpenCV contrib is never imported there (its TV-L1 references are computed here).
 
 Smoke (what the tests run): ``bench/gpu_check.py --prepare DIR --smoke && bench/gpu_check.py --inputs DIR --smoke
 --out OUT`` (under 3 minutes on 2 CPU cores).
@@ -43,8 +51,10 @@ Smoke (what the tests run): ``bench/gpu_check.py --prepare DIR --smoke && bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -55,6 +65,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -180,6 +191,9 @@ class Plan:
     extract_clips: list[str]  # real videos carried for extract-flow, one class per clip's folder
     extract_solvers: list[str]
     extract_max_frames: int
+    extract_pairs: int  # real pairs end to end: the carried clips repeated under new names until there are this many
+    solver_batch: int  # the solver alone, per solver mode (see section_extract)
+    solver_modes: list[str]
     limits: dict[str, float] = field(default_factory=dict)  # section -> seconds
 
 
@@ -206,9 +220,10 @@ FULL = Plan(
                                            ("Basketball", "g02_c03"), ("Biking", "g05_c02"), ("HeadMassage", "g02_c05"),
                                            ("PlayingGuitar", "g16_c02"), ("Punch", "g03_c01"), ("PushUps", "g02_c03"),
                                            ("Shotput", "g05_c02"))],
-    extract_solvers=["compiled", "eager"], extract_max_frames=20000,
-    limits={"tvl1": 110, "extract": 60, "train": 130, "steps": 250, "stages": 70, "fused": 90, "loader": 20,
-            "evaluate": 30, "ddp": 15},
+    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000,
+    solver_batch=1024, solver_modes=["compiled", "reduce-overhead"],
+    limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 250, "stages": 70, "fused": 90, "loader": 20,
+            "evaluate": 30, "ddp": 15, "predict": 40},
 )
 SMOKE = Plan(
     flow_sources={"171x128": [(UCF("PushUps", "g02_c03"), 20, 3)], "340x256": [(TAI_CHI, 40, 2)]},
@@ -223,8 +238,9 @@ SMOKE = Plan(
     eval_compare_clips=1, eval_batches=[30], eval_workers=0,
     tvl1_solvers=["eager", "fused"],
     extract_clips=[UCF("PushUps", "g02_c03"), TAI_CHI], extract_solvers=["eager"], extract_max_frames=3,
-    limits={"tvl1": 60, "extract": 60, "train": 60, "steps": 60, "stages": 60, "fused": 90, "loader": 20,
-            "evaluate": 30, "ddp": 20},
+    extract_pairs=8, solver_batch=2, solver_modes=["eager"],
+    limits={"tvl1": 60, "extract": 90, "train": 60, "steps": 60, "stages": 60, "fused": 90, "loader": 20,
+            "evaluate": 30, "ddp": 20, "predict": 60},
 )
 
 
@@ -270,10 +286,13 @@ def prepare(dest: Path, plan: Plan) -> None:
             meta = VideoMeta(f"{classes[label]}/w{w}", label, classes[label], splits={1: subset})
             videos.append((meta, frames[start:start + plan.shard_frames]))
     write_train_shards(dest / "shards", videos, classes)
+    frames = {}
     for clip in plan.extract_clips:  # extract-flow's input, as a folder dataset ROOT/<class>/<video>
         target = dest / "videos" / Path(clip).parent.name / Path(clip).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(find_clip(clip), target)
+        frames[clip] = len(decode_video(target, DecodeConfig(max_frames=plan.extract_max_frames)))
+    (dest / "videos.json").write_text(json.dumps(frames, indent=1))  # how often to repeat them for extract_pairs
     log(f"prepare: {len(videos)} videos of {plan.shard_frames} frames in {dest / 'shards'}")
 
 
@@ -409,38 +428,92 @@ def section_tvl1(ctx: Context, sec: Section) -> None:
 
 
 def section_extract(ctx: Context, sec: Section) -> None:
-    """``asym3d extract-flow --backend torch`` end to end (ffmpeg decode ahead, pairs batched across videos)."""
-    from pipeline.store import ShardSet
-
-    videos = ctx.inputs / "videos"
-    count = sum(1 for _ in videos.rglob("*.*"))
-    sec.lines += [f"`asym3d extract-flow {videos.name} OUT --dataset folder --backend torch --solver S --device "
-                  f"{ctx.device.type} --max-frames {ctx.plan.extract_max_frames}` on {count} real clips (one shard), "
-                  "timed as a whole process: start-up, ffmpeg decoding ahead, compile, flow, writing.", "",
-                  "| solver | videos ok | pairs | s | pairs/s | compile (from its log) |",
-                  "|---|---:|---:|---:|---:|---|"]
+    """Videos to training shards on the device (issue 21): ``asym3d extract-flow --train-dir --backend torch`` end to
+    end on at least ``extract_pairs`` real pairs (the carried clips linked under new names, bench/extract_e2e.py),
+    with the solver's share of the wall time and peak memory; then the solver alone at ``solver_batch`` pairs per
+    mode, CUDA graphs (torch.compile's reduce-overhead) against the default compile."""
+    frames = json.loads((ctx.inputs / "videos.json").read_text())
+    repeat = max(1, math.ceil(ctx.plan.extract_pairs / sum(n - 1 for n in frames.values())))
+    sec.lines += [f"`asym3d extract-flow ROOT FLOW --train-dir TRAIN --dataset folder --backend torch --solver S "
+                  f"--device {ctx.device.type} --jobs 1 --max-frames {ctx.plan.extract_max_frames}` in one process "
+                  f"(bench/extract_e2e.py): {len(frames)} real clips x {repeat} names, from the videos to JPEG training "
+                  "shards. Solver = the TV-L1 calls, synchronised; share = solver / wall (wall includes start-up, "
+                  "the compile of a cold cache, decoding, writing). Peak host = the process's max RSS (ffmpeg "
+                  "children apart); peak device = the allocator's peak.", "",
+                  "| solver | videos ok | pairs | wall s | pairs/s | solver s | solver share | peak host GiB | "
+                  "peak ffmpeg GiB | peak device GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for solver in ctx.plan.extract_solvers:
-        if not sec.has_time(f"extract-flow --solver {solver}"):
+        if not sec.has_time(f"extract-flow --train-dir --solver {solver}"):
             continue
-        out = ctx.work / f"flow-{solver}"
-        command = [sys.executable, "-m", "cli", "extract-flow", str(videos), str(out), "--dataset", "folder",
-                   "--backend", "torch", "--solver", solver, "--device", ctx.device.type, "--jobs", "1",
-                   "--max-frames", str(ctx.plan.extract_max_frames)]
-        start = time.perf_counter()
+        command = [sys.executable, str(BENCH / "extract_e2e.py"), str(ctx.inputs / "videos"),
+                   str(ctx.work / f"e2e-{solver}"), "--repeat", str(repeat), "--", "--backend", "torch", "--solver",
+                   solver, "--device", ctx.device.type, "--max-frames", str(ctx.plan.extract_max_frames)]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(sec.left(), 10))
-        seconds = time.perf_counter() - start
-        if not sec.check(done.returncode == 0, f"extract-flow --solver {solver} exit {done.returncode}"):
-            sec.lines += [f"| {solver} | failed | | {seconds:.1f} | | |", "", "```",
+        report = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+        ran = report is not None and report["exit"] == 0
+        sec.check(ran, f"extract-flow --train-dir --solver {solver}")
+        if not ran:
+            sec.lines += [f"| {solver} | failed | | | | | | | | |", "", "```",
                           *(done.stdout + done.stderr).strip().splitlines()[-15:], "```", ""]
             continue
-        shards = ShardSet(out)
-        pairs = sum(shards.field_length(v, "flow") for v in shards)
-        compiled = [line for line in done.stderr.splitlines() if "compiled for" in line]
-        sec.check(len(shards) == count, f"extract-flow --solver {solver}: {len(shards)} of {count} videos")
-        sec.lines.append(f"| {solver} | {len(shards)} | {pairs} | {seconds:.1f} | {pairs / seconds:.1f} | "
-                         f"{compiled[0].split(' in ')[-1].split(' ')[0] + ' s' if compiled else ''} |")
-        log(f"extract: --solver {solver}: {pairs} pairs in {seconds:.1f} s")
-        shards.close()
+        sec.check(report["videos_ok"] == report["videos"] and report["pairs"] >= ctx.plan.extract_pairs,
+                  f"--solver {solver}: {report['videos_ok']} of {report['videos']} videos, {report['pairs']} pairs")
+        sec.lines.append(f"| {solver} | {report['videos_ok']} | {report['pairs']} | {report['wall_s']:.1f} | "
+                         f"{report['pairs'] / report['wall_s']:.1f} | {report['solver_s']:.1f} | "
+                         f"{report['solver_s'] / report['wall_s']:.2f} | {report['peak_host_gib']} | "
+                         f"{report['peak_ffmpeg_gib']} | {report['peak_device_gib'] or 'n/a'} |")
+        log(f"extract: --train-dir --solver {solver}: {report['pairs']} pairs in {report['wall_s']:.1f} s "
+            f"(solver {report['solver_s']:.1f} s)")
+    solver_alone(ctx, sec)
+
+
+@contextlib.contextmanager
+def compile_mode(mode: str | None):
+    """The solver's steps compiled with torch.compile ``mode`` (None: the default), compiled anew inside."""
+    from pipeline import tvl1_torch
+
+    original = torch.compile
+    torch.compile = functools.partial(original, mode=mode) if mode else original
+    tvl1_torch._steps.cache_clear()
+    try:
+        yield
+    finally:
+        torch.compile = original
+        tvl1_torch._steps.cache_clear()
+
+
+def solver_alone(ctx: Context, sec: Section) -> None:
+    """``tvl1_flow_torch`` on ``solver_batch`` real 171x128 pairs already on the device, per mode: a solver name, or
+    "reduce-overhead" = the compiled solver with CUDA graphs (issue 21's first lever on the launch-bound loop)."""
+    data = np.load(ctx.inputs / "tvl1_171x128.npz")
+    grays = np.concatenate([np.stack([rgb_to_gray(data[k])[:-1], rgb_to_gray(data[k])[1:]], axis=1)
+                            for k in sorted(data.files) if k.startswith("frames")])
+    pairs = torch.from_numpy(grays).to(ctx.device).float()
+    index = torch.arange(ctx.plan.solver_batch, device=ctx.device) % len(pairs)
+    prev, nxt = pairs[index, 0], pairs[index, 1]
+    sec.lines += ["", f"The solver alone: `tvl1_flow_torch` on {ctx.plan.solver_batch} real 171x128 pairs on the "
+                  "device, after a warm-up call at the same batch (compile and CUDA-graph recording there).", "",
+                  "| mode | batch | warm-up s | s | pairs/s | peak GiB | warnings |", "|---|---:|---:|---:|---:|---:|---|"]
+    for mode in ctx.plan.solver_modes:
+        if not sec.has_time(f"solver alone ({mode})"):
+            continue
+        solver = "compiled" if mode == "reduce-overhead" else mode
+        with compile_mode("reduce-overhead" if mode == "reduce-overhead" else None), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            tvl1_flow_torch(prev, nxt, TVL1Params(), solver=solver)
+            ctx.sync()
+            warm = time.perf_counter() - start
+            ctx.reset_peak()
+            start = time.perf_counter()
+            tvl1_flow_torch(prev, nxt, TVL1Params(), solver=solver)
+            ctx.sync()
+            seconds = time.perf_counter() - start
+        said = "; ".join(sorted({str(w.message).splitlines()[0][:120] for w in caught}))
+        sec.lines.append(f"| {mode} | {ctx.plan.solver_batch} | {warm:.1f} | {seconds:.2f} | "
+                         f"{ctx.plan.solver_batch / seconds:.1f} | {ctx.peak_gib()} | {said} |")
+        log(f"extract: solver alone {mode}: {ctx.plan.solver_batch / seconds:.1f} pairs/s")
 
 
 def overfit_config(ctx: Context, name: str, compiled: bool) -> TrainConfig:
@@ -790,10 +863,53 @@ def section_ddp(ctx: Context, sec: Section) -> None:
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------------ predict (issue 23)
+
+
+def section_predict(ctx: Context, sec: Section) -> None:
+    """``model.predict.predict_videos`` on the carried real clips: an RGB run and an RGBF run (flow by the torch
+    TV-L1 on the device), 25 clips x 10 crops each (smoke: 1 clip), untrained c3d-b5 at 16x112x112 (speed does not depend on the
+    weights); the schema is the pipeline's default (128x171, OpenCV TV-L1 parameters, JPEG q90)."""
+    from model.predict import InputRecipe, Run, predict_videos
+    from pipeline.build_rgbf import BuildConfig, train_schema
+    from pipeline.decode import DecodeConfig
+    from pipeline.extract import ExtractConfig
+
+    decode = DecodeConfig(max_frames=ctx.plan.extract_max_frames)
+    schema = train_schema(dataclasses.replace(ExtractConfig(), decode=decode).schema(), BuildConfig()).to_dict()
+    videos = sorted((ctx.inputs / "videos").rglob("*.*"))
+    crop, clips = ctx.plan.speed.clip[1], 25 if ctx.plan is FULL else 1  # smoke: 1 clip x 10 crops
+    sec.lines += [f"`predict_videos` on {len(videos)} real clips (decoded at 128x171, at most "
+                  f"{ctx.plan.extract_max_frames} frames), c3d-b5 (untrained) on 16x{crop}x{crop} views, "
+                  f"{clips} clips x 10 crops, one video at a time as `asym3d predict` runs; RGBF's flow by "
+                  f"{'the torch TV-L1 (compiled; its compile time included)' if ctx.device.type == 'cuda' else 'OpenCV TV-L1'}"
+                  f" on {ctx.device.type}. Each video's views are one `score_clips` call (batch 250).", "",
+                  "| input | videos | views | s | views/s | s per video |", "|---|---:|---:|---:|---:|---:|"]
+    for modality in ("rgb", "rgbf"):
+        if not sec.has_time(f"predict {modality}"):
+            return
+        net = model.build_model("c3d-b5", num_classes=101, clip=(16, crop, crop)).eval()
+        kwargs = {k: list(v) if k == "clip" else v for k, v in net.arch.items() if k != "name"}
+        state = {"model_name": "c3d-b5", "model_kwargs": kwargs, "model_state": net.state_dict(), "epoch": 0,
+                 "config": {"input": modality, "clip_len": 16, "crop": crop},
+                 "classes": [f"c{i}" for i in range(101)], "normalization": {"mean": [100.0] * 3, "std": [60.0] * 3},
+                 "schema": schema}
+        run = Run(modality, state, InputRecipe.from_schema(schema, modality, modality), net)
+        backend = "torch" if ctx.device.type == "cuda" else "cpu"
+        start = time.perf_counter()
+        done = [p for p in predict_videos([run], videos, clips=clips, batch_size=250, device=ctx.device.type,
+                                          flow_backend_name=backend) if sec.check(p.error is None, f"{p.error}")]
+        seconds = time.perf_counter() - start
+        views = sum(p.views for p in done)
+        sec.lines.append(f"| {modality} | {len(done)} | {views} | {seconds:.1f} | {views / seconds:.0f} | "
+                         f"{seconds / max(len(done), 1):.2f} |")
+        log(f"predict: {modality}: {views / seconds:.0f} views/s")
+
+
 SECTIONS: dict[str, Callable[[Context, Section], None]] = {
     "tvl1": section_tvl1, "extract": section_extract, "train": section_train, "steps": section_steps,
     "stages": section_stages, "fused": section_fused, "loader": section_loader, "evaluate": section_evaluate,
-    "ddp": section_ddp,
+    "ddp": section_ddp, "predict": section_predict,
 }
 
 

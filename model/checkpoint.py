@@ -8,7 +8,10 @@ A checkpoint is one ``dict`` saved with :func:`torch.save`. Keys (the contract e
 - ``config``: the run's :class:`model.train.TrainConfig` as a plain dict (``input``, ``split``, ``shard_dir``,
   ``crop``, ``clip_len``, ...);
 - ``normalization``: ``{"mean": [3 floats], "std": [3 floats]}`` on the 0..255 scale, applied to every input;
-- ``classes`` (list of class names, index = label), ``metrics`` (dict), ``rng_state`` (see :func:`capture_rng_state`).
+- ``classes`` (list of class names, index = label), ``metrics`` (dict), ``rng_state`` (see :func:`capture_rng_state`);
+- ``schema``: the training shards' schema (:class:`pipeline.store.Schema` as a dict: decoding, flow algorithm and
+  parameters, flow image bound, storage), so ``asym3d predict`` makes a video's input as the shards were made.
+  Checkpoints written before it lack it; nothing but predict and features needs it.
 
 Everything is stored as tensors, numbers, strings, lists and dicts so that :func:`load_checkpoint` can use
 ``torch.load(weights_only=True)``: a checkpoint downloaded from elsewhere cannot run pickled code.

@@ -8,10 +8,15 @@ exactly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
+
 FLOW_MODALITIES = ("flow",)
+CROP_CHOICES = (1, 10)  # the centre crop; centre + 4 corners, each also mirrored (the paper's 10)
 
 
 def clip_indices(n_frames: int, start: int, length: int) -> np.ndarray:
@@ -33,6 +38,20 @@ def evenly_spaced_starts(n_frames: int, length: int, num_clips: int) -> np.ndarr
     """
     last = max(n_frames - length, 0)
     return np.rint(np.linspace(0, last, num_clips)).astype(np.int64)
+
+
+def protocol_frames(n_frames: int, clip_len: int, num_clips: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct frames the test clips of an ``n_frames`` video use, increasing, and each clip as a row of
+    positions into them: ``(frames (U,), clips (num_clips, clip_len))``, so ``frames[clips[i]]`` are clip i's frames.
+
+    Why: a video's 25 evenly spaced clips overlap (400 frame reads for a 188-frame UCF-101 video when each clip reads
+    its own); reading the distinct frames once and cutting the clips by index reads each frame once, and never more
+    than ``num_clips * clip_len`` frames however long the video is.
+    """
+    starts = evenly_spaced_starts(n_frames, clip_len, num_clips)
+    index = np.stack([clip_indices(n_frames, int(start), clip_len) for start in starts])
+    frames, inverse = np.unique(index, return_inverse=True)
+    return frames, inverse.reshape(index.shape)
 
 
 def crop_positions(height: int, width: int, size: int) -> list[tuple[int, int]]:
@@ -87,3 +106,37 @@ def protocol_views(clips: torch.Tensor, positions: list[tuple[int, int]], size: 
     if mirrored:
         crops = torch.cat((crops, mirror(crops, modality)), dim=1)
     return normalise(crops.flatten(0, 1), mean, std)
+
+
+@dataclass(frozen=True)
+class ViewProtocol:
+    """The paper's test views (§4.3) of one input, as a checkpoint defines them: ``num_clips`` clips of ``clip_len``
+    frames at equal intervals, 1 or 10 ``crop_size`` crops of each, normalised with the training's ``mean``/``std``.
+
+    Shared by ``asym3d evaluate`` (frames from the shards), ``predict`` and ``features`` (frames computed from a
+    video), so every one of them sees a video through the same views.
+    """
+
+    modality: str
+    clip_len: int
+    num_clips: int
+    crop_size: int
+    crops: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.crops not in CROP_CHOICES:
+            raise ConfigError(f"crops must be one of {CROP_CHOICES}, got {self.crops}")
+        if self.num_clips < 1:
+            raise ConfigError(f"need at least one clip per video, got {self.num_clips}")
+
+    @property
+    def views_per_clip(self) -> int:
+        return 10 if self.crops == 10 else 1
+
+    def views(self, clips: torch.Tensor) -> torch.Tensor:
+        """Whole-frame uint8 clips ``(N, T, H, W, C)`` -> their views ``(N * V, C, T, S, S)``, on the clips' device."""
+        positions = crop_positions(clips.shape[2], clips.shape[3], self.crop_size)[:1 if self.crops == 1 else None]
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=clips.device) for v in (self.mean, self.std))
+        return protocol_views(clips, positions, self.crop_size, self.crops == 10, self.modality, mean, std)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import Asym3dError
+from pipeline.rgbf import MODALITIES
 
-from .data import MODALITIES
 from .networks import WEIGHT_INITS
 from .runtime import PRECISIONS
 

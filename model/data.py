@@ -1,6 +1,6 @@
 """Training data: the split's videos in the training shards, as random (train) or centre (validation) clips.
 
-Sampling (paper §4.3, DESIGN.md "Data"):
+Sampling (paper §4.3, docs/DESIGN.md "Data rules"):
 
 - Train: one random ``clip_len``-frame window per video per epoch, start uniform over the video's valid starts; a
   video shorter than the clip loops (0, 1, .., n-1, 0, ..; see :func:`model.clips.clip_indices`). The crop's top and
@@ -32,8 +32,6 @@ from pipeline.errors import Asym3dError
 from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, VideoEntry
 
 from .clips import clip_indices, crop, crop_positions
-
-MODALITIES = ("rgb", "flow", "rgbf")
 
 
 class DataError(Asym3dError, ValueError):

@@ -6,15 +6,17 @@ Protocol: each test video gives ``clips`` (25) 16-frame clips at equal intervals
 score is the mean of the 250 views' softmax scores. Sampling, crops and flips come from :mod:`model.clips`, the code
 the trainer uses, so training and test views cannot drift apart.
 
-Memory is bounded whatever the video length: a dataset item is one clip of one video (its ``clip_len`` frames read
-with ``ShardSet.read(index=...)``), expanded into its crop views on the network's device, so at most ``batch_size``
-views and a few clips per loader worker are held at a time; scores are accumulated per video as the batches go by.
+Each test video's frames are read once: a dataset item is one video, the distinct frames its clips use
+(:func:`model.clips.protocol_frames`: at most ``clips x clip_len`` frames however long the video), and the clips are
+cut from them by index on the network's device. Batches of ``batch_size`` views span videos, so memory is bounded by
+one batch of views plus the few videos' frames in flight; scores are accumulated per video as the batches go by.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,64 +29,43 @@ from pipeline.errors import ConfigError
 from pipeline.store import DamagedError, ShardSet, StoreError, VideoEntry
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-from .clips import clip_indices, crop_positions, evenly_spaced_starts, protocol_views
-from .data import collate_readable
+from .clips import ViewProtocol, protocol_frames
 from .reports import write_reports
 from .results import EvaluationError, SplitResult
 from .runtime import Runtime
-
-CROP_CHOICES = (1, 10)
-
 
 # ---------------------------------------------------------------------------------------------------- protocol
 
 
 class ClipViews(Dataset):
-    """Item ``i`` = one clip of one video -> ``{"position": video position, "clip": uint8 (T, H, W, C) whole-frame}``,
-    or ``{"unreadable": (video id, reason)}`` when its stored frames fail their checksum: a DataLoader worker would
+    """Item ``i`` = test video ``i`` -> ``{"position": i, "frames": uint8 (U, H, W, C), "clips": int64 (clips, T)}``
+    (the distinct frames its clips use, read once, and each clip as positions into them: ``frames[clips[j]]``), or
+    ``{"unreadable": (video id, reason)}`` when its stored frames fail their checksum: a DataLoader worker would
     wrap the exception in its traceback, so the reason travels as data and :func:`score_videos` raises it.
 
-    Its ``V`` views (1: the centre crop; 10: centre + 4 corners, each also mirrored) are made on the device the
-    network runs on (:meth:`views`), from one uint8 clip: a tenth of the bytes of ten float views, and no per-pixel
-    work on the host. Pickles without open HDF5 handles (see :class:`ShardSet`), so DataLoader workers each open their
-    own.
+    The views (``spec``: crops, flips, normalisation) are made on the device the network runs on. Pickles without
+    open HDF5 handles (see :class:`ShardSet`), so DataLoader workers each open their own.
     """
 
-    def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], field_name: str, *, clip_len: int,
-                 num_clips: int, crop_size: int, crops: int, mean: Sequence[float], std: Sequence[float]):
-        if crops not in CROP_CHOICES:
-            raise ConfigError(f"crops must be one of {CROP_CHOICES}, got {crops}")
-        if num_clips < 1:
-            raise ConfigError(f"need at least one clip per video, got {num_clips}")
-        self.shards, self.field_name = shards, field_name
-        self.clip_len, self.crop_size, self.crops = clip_len, crop_size, crops
-        self.mean, self.std = list(mean), list(std)
+    def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], spec: ViewProtocol):
+        self.shards, self.spec = shards, spec
         self.videos = list(videos)
-        self.items: list[tuple[int, int]] = []
-        for position, video in enumerate(self.videos):
-            length = shards.field_length(video, field_name)
-            self.items += [(position, int(s)) for s in evenly_spaced_starts(length, clip_len, num_clips)]
-        schema = shards.schema
-        self.positions = crop_positions(schema.height, schema.width, crop_size)[:1 if crops == 1 else None]
-        self.views_per_clip = len(self.positions) * (2 if crops == 10 else 1)
+        if spec.crop_size > min(shards.schema.height, shards.schema.width):
+            raise ConfigError(f"{shards.root}: crop {spec.crop_size} does not fit the stored "
+                              f"{shards.schema.height}x{shards.schema.width} frames")
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.videos)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        position, start = self.items[i]
-        video = self.videos[position]
-        index = clip_indices(self.shards.field_length(video, self.field_name), start, self.clip_len)
+        video = self.videos[i]
+        frames, clips = protocol_frames(self.shards.field_length(video, self.spec.modality), self.spec.clip_len,
+                                        self.spec.num_clips)
         try:
-            return {"position": position,
-                    "clip": torch.from_numpy(self.shards.read(video, self.field_name, index=index))}
+            stored = self.shards.read(video, self.spec.modality, index=frames)
         except DamagedError as err:
             return {"unreadable": (video.video_id, str(err))}
-
-    def views(self, clips: torch.Tensor) -> torch.Tensor:
-        """The views of a batch of clips ``(N, T, H, W, C)`` uint8, on their device: ``(N * V, C, T, S, S)``."""
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=clips.device) for v in (self.mean, self.std))
-        return protocol_views(clips, self.positions, self.crop_size, self.crops == 10, self.field_name, mean, std)
+        return {"position": i, "frames": torch.from_numpy(stored), "clips": torch.from_numpy(clips)}
 
 
 @dataclass
@@ -99,7 +80,19 @@ class VideoScores:
 def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, device: str | torch.device = "cpu",
                  workers: int = 0, progress: bool = True, desc: str = "evaluate",
                  feature_layer: str | None = None, precision: str = "auto") -> VideoScores:
-    """Mean softmax scores of ``model`` over the views of each video of ``views``.
+    """Mean softmax scores of ``model`` over the views of each video of ``views``, read by ``workers`` DataLoader
+    processes (0: this one); see :func:`score_clips` for the rest."""
+    loader = DataLoader(views, batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    return score_clips(model, loader, views.spec, len(views), batch_size=batch_size, device=device,
+                       progress=progress, desc=desc, feature_layer=feature_layer, precision=precision)
+
+
+def score_clips(model: nn.Module, videos: Iterable[dict[str, Any]], spec: ViewProtocol, n_videos: int, *,
+                batch_size: int = 30, device: str | torch.device = "cpu", progress: bool = True,
+                desc: str = "evaluate", feature_layer: str | None = None, precision: str = "auto") -> VideoScores:
+    """Mean softmax scores of ``model`` over the ``spec`` views of ``n_videos`` videos given as :class:`ClipViews`
+    items (from shards, or from frames computed by ``asym3d predict``).
 
     Batches hold ``max(1, batch_size // V)`` clips (``V`` views each) and may span videos, so a GPU sees full
     batches. Runs under ``torch.inference_mode`` with the training's precision policy (:mod:`model.runtime`: bf16
@@ -109,41 +102,83 @@ def score_videos(model: nn.Module, views: ClipViews, *, batch_size: int = 30, de
     """
     runtime = Runtime.choose(device, precision)
     device = runtime.device
-    loader = DataLoader(views, batch_size=max(1, batch_size // views.views_per_clip), shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
     model = runtime.prepare(model).eval()
     sums: dict[str, torch.Tensor] = {}
-    counts = torch.zeros(len(views.videos), dtype=torch.int64)
+    counts = torch.zeros(n_videos, dtype=torch.int64)
     captured: list[torch.Tensor] = []
     hook = None
     if feature_layer:
         hook = model.get_submodule(feature_layer).register_forward_hook(
             lambda module, args, output: captured.append(torch.relu(output.float())))
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-            if batch["unreadable"]:  # a test video cannot be skipped without changing the result: stop
-                raise EvaluationError(f"{batch['unreadable'][0][1]}; asym3d inspect SHARD_DIR --verify lists the "
-                                      "damaged shards, and --repair on the command that built them redoes them")
-            positions, clips = batch["position"], batch["clip"]
-            n_clips, n_views = len(clips), views.views_per_clip
-            inputs = runtime.inputs(views.views(clips.to(device, non_blocking=True)))
-            with runtime.autocast():
-                logits = model(inputs)
-            outputs = {"scores": logits.float().softmax(dim=1)}
-            if captured:
-                outputs["features"] = captured.pop()
-            for key, value in outputs.items():
-                per_clip = value.view(n_clips, n_views, -1).sum(dim=1).cpu().double()
-                if key not in sums:
-                    sums[key] = torch.zeros(len(views.videos), per_clip.shape[1], dtype=torch.float64)
-                sums[key].index_add_(0, positions, per_clip)
-            counts.index_add_(0, positions, torch.full_like(positions, n_views))
-    if hook is not None:
-        hook.remove()
+    videos = tqdm(videos, desc=desc, unit="video", total=n_videos, disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for positions, clips in clip_batches(videos, max(1, batch_size // spec.views_per_clip), device):
+                n_clips, n_views = len(clips), spec.views_per_clip
+                inputs = runtime.inputs(spec.views(clips))
+                with runtime.autocast():
+                    logits = model(inputs)
+                outputs = {"scores": logits.float().softmax(dim=1)}
+                if captured:
+                    outputs["features"] = captured.pop()
+                for key, value in outputs.items():
+                    per_clip = value.view(n_clips, n_views, -1).sum(dim=1).cpu().double()
+                    if key not in sums:
+                        sums[key] = torch.zeros(n_videos, per_clip.shape[1], dtype=torch.float64)
+                    sums[key].index_add_(0, positions, per_clip)
+                counts.index_add_(0, positions, torch.full_like(positions, n_views))
+    finally:
+        if hook is not None:
+            hook.remove()
     if not sums:
         raise EvaluationError("no videos to evaluate")
     mean = {key: (total / counts.clamp(min=1).unsqueeze(1)).float().numpy() for key, total in sums.items()}
     return VideoScores(mean["scores"], counts.numpy(), mean.get("features"))
+
+
+def clip_batches(videos: Iterable[dict[str, Any]], clips_per_batch: int, device: torch.device
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(video positions (N,), uint8 clips (N, T, H, W, C) on device)`` batches of ``clips_per_batch`` clips (the
+    last may be smaller) cut from :class:`ClipViews` items in order, spanning videos. A video's frames cross to the
+    device once; each clip is cut there when its batch is made, so at most one batch of clips exists at a time."""
+    queue: collections.deque[tuple[int, torch.Tensor, torch.Tensor]] = collections.deque()
+    waiting = 0
+    for item in videos:
+        if "unreadable" in item:  # a test video cannot be skipped without changing the result: stop
+            raise EvaluationError(f"{item['unreadable'][1]}; asym3d inspect SHARD_DIR --verify lists the damaged "
+                                  "shards, and --repair on the command that built them redoes them")
+        frames = item["frames"].to(device, non_blocking=True)
+        queue.append((int(item["position"]), frames, item["clips"].to(device)))
+        waiting += len(item["clips"])
+        while waiting >= clips_per_batch:
+            yield _take_clips(queue, clips_per_batch)
+            waiting -= clips_per_batch
+    if waiting:
+        yield _take_clips(queue, waiting)
+
+
+def _take_clips(queue: collections.deque, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    positions: list[int] = []
+    clips = []
+    while n:
+        position, frames, rows = queue[0]
+        take = min(n, len(rows))
+        clips.append(frames[rows[:take]])
+        positions += [position] * take
+        if take == len(rows):
+            queue.popleft()
+        else:
+            queue[0] = (position, frames, rows[take:])
+        n -= take
+    return torch.tensor(positions, dtype=torch.int64), torch.cat(clips)
+
+
+def checkpoint_views(state: dict[str, Any], clips: int, crops: int) -> ViewProtocol:
+    """The paper's test views of a checkpoint's input: its modality, clip length, crop size and normalisation."""
+    config, clip = state.get("config", {}), state["model_kwargs"]["clip"]
+    return ViewProtocol(config.get("input", "rgb"), clip_len=int(config.get("clip_len", clip[0])), num_clips=clips,
+                     crop_size=int(config.get("crop", clip[1])), crops=crops,
+                     mean=tuple(state["normalization"]["mean"]), std=tuple(state["normalization"]["std"]))
 
 
 def default_device() -> str:
@@ -183,10 +218,7 @@ def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | s
     if not videos:
         raise EvaluationError(f"{shards.root}: none of split {split}'s test videos are in these shards "
                               f"({len(shards)} videos stored)")
-    clip = state["model_kwargs"]["clip"]
-    views = ClipViews(shards, videos, modality, clip_len=int(config.get("clip_len", clip[0])), num_clips=clips,
-                      crop_size=int(config.get("crop", clip[1])), crops=crops,
-                      mean=state["normalization"]["mean"], std=state["normalization"]["std"])
+    views = ClipViews(shards, videos, checkpoint_views(state, clips, crops))
     net = model if model is not None else build_model_from_checkpoint(state)
     scored = score_videos(net, views, batch_size=batch_size, device=device, workers=workers,
                           precision=config.get("precision", "auto"),

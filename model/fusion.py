@@ -18,6 +18,17 @@ from .reports import load_scores, write_reports
 from .results import EvaluationError, SplitResult
 
 
+def fusion_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """One weight per run (equal when None), non-negative with a positive sum; :class:`EvaluationError` otherwise.
+    Shared by ``evaluate --fuse`` and ``predict``."""
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise EvaluationError(f"{len(weights)} weights for {count} runs")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise EvaluationError(f"weights must be non-negative with a positive sum, got {weights}")
+    return weights
+
+
 def fuse_results(results: Sequence[SplitResult], weights: Sequence[float] | None = None) -> SplitResult:
     """Weighted mean ``sum_i w_i s_i / sum_i w_i`` of the runs' per-video scores, aligned by video id.
 
@@ -25,11 +36,7 @@ def fuse_results(results: Sequence[SplitResult], weights: Sequence[float] | None
     """
     if len(results) < 2:
         raise EvaluationError(f"fusion needs at least two runs, got {len(results)}")
-    weights = [1.0] * len(results) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(results):
-        raise EvaluationError(f"{len(weights)} weights for {len(results)} runs")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise EvaluationError(f"weights must be non-negative with a positive sum, got {weights}")
+    weights = fusion_weights(weights, len(results))
     first = results[0]
     choices = {r.source.get("scores"): r.source.get("choice") or "unrecorded" for r in results}
     if len(set(choices.values())) > 1:

@@ -223,7 +223,7 @@ def stack_block(out_channels: int, kernels: Kernels, layers: int = 1) -> Block:
 
 
 def micronet_block(out_channels: int, variant: str) -> Block:
-    """The MicroNet columns for N = ``out_channels`` (Figure 3, as DESIGN.md reads it; the figure is not in the
+    """The MicroNet columns for N = ``out_channels`` (Figure 3, as docs/DESIGN.md reads it; the figure is not in the
     text we have, so the widths are our reading, chosen to match the paper's parameter counts of b5-M1..M4).
 
     left:   1x1x1 -> N/16, then 3x3x3 -> N/8, 3x3x3 -> N/8   (M2, M4: one cascade 1x5x1, 1x1x5, 3x1x1 -> N/8)

@@ -168,6 +168,7 @@ class _Run:
 
         shards = open_training_shards(cfg.shard_dir, cfg.input)
         self.classes = shards.classes
+        self.schema = shards.schema.to_dict()  # how the shards were made, so `asym3d predict` can make its input
         if resume is not None and list(resume["classes"]) != self.classes:
             raise TrainError(f"{last}: the run was trained on {len(resume['classes'])} classes, {cfg.shard_dir} has "
                              f"{len(self.classes)} (or other names); refusing to resume (use another --out)")
@@ -322,6 +323,7 @@ class _Run:
             "config": dataclasses.asdict(self.cfg),
             "normalization": self.normalization,
             "classes": self.classes,
+            "schema": self.schema,
             "rng_state": capture_rng_state(),
             "metrics": metrics,
         }

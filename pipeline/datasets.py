@@ -10,6 +10,11 @@ only place that knows the on-disk conventions of each dataset. One small parser 
   including the ones unused in all three splits (they keep ``splits == {}``).
 - ``fcvid``: videos plus the user's labels file; categories are filtered by a keep/drop file
   (``pipeline/data/fcvid_motion_categories.tsv`` by default) and kept ones relabelled ``0..K-1``.
+- ``kinetics``: Kinetics-400/600/700 from the official annotation CSVs (``label,youtube_id,time_start,time_end,
+  split``; ``train.csv`` is split 1's train, ``validate.csv`` or ``val.csv`` its test) over a downloaded tree: a clip
+  ``<youtube_id>_<start:06d>_<end:06d>.<ext>`` anywhere under the root (``<split>/<label>/``, the flat
+  ``<split>/`` variant, or other nesting). A share of Kinetics is always missing (deleted YouTube videos): pass
+  ``--max-missing`` above it.
 - ``folder``: any ``<root>/<class>/<video>`` tree, for users' own data and for tests.
 
 Error policy (the CLI repeats it in ``--help``):
@@ -510,6 +515,76 @@ def _index_fcvid(inputs: _Inputs) -> DatasetIndex:
     return collector.finish(str(inputs.labels_file), extra)
 
 
+# -------------------------------------------------------------------------------------------------------- Kinetics
+
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+KINETICS_FILES = {"train": ("train.csv",), "test": ("validate.csv", "val.csv")}  # subset of split 1 -> CSV names
+
+
+def kinetics_clip_name(youtube_id: str, start: int, end: int) -> str:
+    """The file stem the Kinetics downloaders give a clip: ``<youtube_id>_<start:06d>_<end:06d>``."""
+    return f"{youtube_id}_{start:06d}_{end:06d}"
+
+
+def _kinetics_files(root: Path) -> dict[str, str]:
+    """Every video file under ``root`` by stem -> its path relative to ``root`` (the first in sorted order when a
+    stem appears twice): one walk instead of a stat per listed clip, for a few hundred thousand clips."""
+    found: dict[str, str] = {}
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in sorted(files):
+            stem, extension = os.path.splitext(name)
+            if extension.lower() in VIDEO_EXTENSIONS and not name.startswith("."):
+                found.setdefault(stem, os.path.relpath(os.path.join(directory, name), root))
+    return found
+
+
+def _kinetics_rows(path: Path) -> Iterator[tuple[str, str, str, int, int]]:
+    """``(file:line, label, youtube_id, start, end)`` of an annotation CSV, its header checked."""
+    rows = _read_rows(path, ",")
+    where, header = next(rows, (f"{path}:1", []))
+    missing = [c for c in KINETICS_COLUMNS if c not in header]
+    if missing:
+        raise DatasetError(f"{where}: expected a header with {', '.join(KINETICS_COLUMNS)}; lacks {', '.join(missing)}")
+    column = {name: header.index(name) for name in KINETICS_COLUMNS}
+    for where, fields in rows:
+        if len(fields) < len(header):
+            raise DatasetError(f"{where}: expected {len(header)} comma-separated fields, got {len(fields)}")
+        try:
+            start, end = (int(float(fields[column[c]])) for c in ("time_start", "time_end"))
+        except ValueError:
+            raise DatasetError(f"{where}: time_start and time_end must be numbers, got "
+                               f"{fields[column['time_start']]!r}, {fields[column['time_end']]!r}") from None
+        yield where, fields[column["label"]], fields[column["youtube_id"]], start, end
+
+
+def _index_kinetics(inputs: _Inputs) -> DatasetIndex:
+    """Kinetics: classes are the sorted labels of the CSVs (the official order); train/val are split 1's train/test.
+    A listed clip found nowhere under the root is counted missing (see the module docstring), not an error."""
+    csvs: dict[str, Path] = {}
+    for subset, names in KINETICS_FILES.items():
+        path = next((inputs.splits_dir / n for n in names if (inputs.splits_dir / n).is_file()), None)
+        if path is None:
+            raise DatasetError(f"{inputs.splits_dir}: no {' or '.join(names)} (the Kinetics annotation CSVs)")
+        csvs[subset] = path
+    rows = {subset: list(_kinetics_rows(path)) for subset, path in csvs.items()}
+    official = sorted({label for listed in rows.values() for _, label, *_ in listed})
+    classes, extra = _select_classes(official, inputs.classes, str(csvs["train"]))
+    label_of = {name: label for label, name in enumerate(classes)}
+    collector = _Collector("kinetics", inputs.root, classes, inputs.check_files, inputs.max_missing)
+    files = _kinetics_files(inputs.root) if inputs.check_files else {}
+    for subset, listed in rows.items():
+        if not listed:
+            collector.warnings.append(f"{csvs[subset]}: empty file, no videos listed")
+        for where, label, youtube_id, start, end in listed:
+            if label not in label_of:
+                continue
+            name = kinetics_clip_name(youtube_id, start, end)
+            relative = files.get(name, f"{'train' if subset == 'train' else 'val'}/{label}/{name}.mp4")
+            collector.add(where, relative, label_of[label], 1, subset)
+    return collector.finish(str(inputs.splits_dir), extra)
+
+
 # ---------------------------------------------------------------------------------------------------------- entry
 
 
@@ -524,6 +599,7 @@ _ADAPTERS: dict[str, _Adapter] = {
     "ucf101": _Adapter(_index_ucf101, required=("splits_dir",)),
     "hmdb51": _Adapter(_index_hmdb51, required=("splits_dir",)),
     "fcvid": _Adapter(_index_fcvid, required=("labels_file",), optional=("categories_file", "keep_file")),
+    "kinetics": _Adapter(_index_kinetics, required=("splits_dir",)),
     "folder": _Adapter(_index_folder, required=(), optional=("splits_dir",)),
 }
 DATASET_KINDS = tuple(_ADAPTERS)
@@ -532,9 +608,9 @@ DATASET_KINDS = tuple(_ADAPTERS)
 def index_dataset(kind: str, root: Path, *, splits_dir: Path | None = None, labels_file: Path | None = None,
                   categories_file: Path | None = None, keep_file: Path | None = None, check_files: bool = True,
                   classes: Sequence[str] | None = None, max_missing: float = MAX_MISSING_FRACTION) -> DatasetIndex:
-    """Index a dataset of ``kind`` (``ucf101``, ``hmdb51``, ``fcvid``, ``folder``) under ``root``.
+    """Index a dataset of ``kind`` (``ucf101``, ``hmdb51``, ``fcvid``, ``kinetics``, ``folder``) under ``root``.
 
-    ``splits_dir`` holds the split lists (UCF-101, HMDB-51; optional for folder trees); ``labels_file``,
+    ``splits_dir`` holds the split lists (UCF-101, HMDB-51, the Kinetics CSVs; optional for folder trees); ``labels_file``,
     ``categories_file`` and ``keep_file`` are FCVID's (see :func:`_index_fcvid`). An option the kind does not use
     is an error rather than silently ignored. ``classes`` keeps only those classes (FCVID: categories), relabelled
     ``0..K-1`` in official order; ``max_missing`` is the share of a split's listed videos that may be missing on

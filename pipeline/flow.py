@@ -233,6 +233,8 @@ class _TorchTVL1:
         self.settings = dataclasses.asdict(params)
         self.device = device
         self.batch_size = batch_size
+        # auto: compiled on a GPU, ~2x eager's pairs/s once compiled, for a process that solves many pairs (a run of
+        # a few clips finishes sooner eager: BENCHMARKS.md); eager on a CPU, where compiling costs more than it saves.
         self.solver = solver if solver != "auto" else ("compiled" if torch.device(device).type == "cuda" else "eager")
         self._params = params
 

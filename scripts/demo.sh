@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole road on built-in synthetic data -- videos -> TV-L1 flow -> RGB/RGBF shards -> asym3d (the
-# paper's network) trained on splits 1,2,3 for RGB and RGBF -> evaluation of each and of their fusion -> one table.
+# paper's network) trained on splits 1,2,3 for RGB and RGBF -> evaluation of each and of their fusion -> one table
+# -> `asym3d predict` with the fused runs on a few video files.
 #
 # Usage: bash scripts/demo.sh [OUT]   (default demo_out; needs `asym3d` on PATH, which `make demo` arranges)
 #
@@ -159,6 +160,29 @@ else:
 print(verdict)
 EOF
 echo "reports: $RUNS/{rgb,rgbf}/eval/results.md, $RUNS/rgb/eval/fused_rgb+rgbf/; curves: $RUNS/*/split*/curves.png"
+
+# The use of a trained network: `asym3d predict` on video files (here one test video of split 1 per class, which the
+# split-1 runs never trained on), its input made from the video as the shards were made, RGB and RGBF runs fused.
+echo
+echo "asym3d predict: the split-1 RGB + RGBF runs fused, on one split-1 test video per class ($CLIPS clips x $CROPS crops)"
+mapfile -t PREDICT_VIDEOS < <(tr -d '\r' < "$DATA/splits/testlist01.txt" | awk -F/ '!seen[$1]++ {print $0}' \
+    | sed "s|^|$DATA/videos/|")
+start=$SECONDS
+asym3d predict "$RUNS/rgb" "$RUNS/rgbf" "${PREDICT_VIDEOS[@]}" --split 1 --clips $CLIPS --crops $CROPS --top 2 \
+    --flow-backend cpu --json > "$LOGS/predict.json" 2> "$LOGS/predict.log" || { tail -n 5 "$LOGS/predict.log"; exit 1; }
+python - "$LOGS/predict.json" <<'EOF'
+"""Each video's true class (its directory) beside the top-2 the fused runs give it."""
+import json
+import sys
+from pathlib import Path
+
+for entry in json.load(open(sys.argv[1])):
+    top = ", ".join(f"{t['class']} {t['probability']:.2f}" for t in entry["top"])
+    truth = Path(entry["video"]).parent.name
+    mark = "right" if entry["top"][0]["class"] == truth else "wrong"
+    print(f"  {Path(entry['video']).name:<34} true {truth:<16} predicted {top}   ({mark})")
+EOF
+echo "  (predict took $((SECONDS - start)) s for ${#PREDICT_VIDEOS[@]} videos: decoding, TV-L1, RGBF and 2 runs x $((CLIPS * CROPS)) views each)"
 # On a shared machine wall time says little about the demo itself: print the CPU time its stages used and the load.
 times > "$LOGS/times.txt"  # in this shell: a subshell's `times` would not count this script's stages
 read -r cpu_user cpu_sys < <(tail -n 1 "$LOGS/times.txt")

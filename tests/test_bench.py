@@ -46,7 +46,12 @@ def number(cell: str) -> float:
 
 def test_eval_views() -> None:
     out = run_bench("eval_views.py", "--models", "c3d-b5", "--batch", "2", "--repeats", "1", "--clips", "1",
-                    "--crop", "32")
+                    "--crop", "32", "--frames", "40")
+    assert "| host reading | frames decoded | views/s | views per CPU-s | CPU ms per view |" in out
+    before, after = row(out, "| one read per clip"), row(out, "| one read per video, clips cut")
+    # two sample videos of >= 40 frames: 25 clips x 16 frames each before, their 40 distinct frames each after
+    assert number(before[1]) == 2 * 25 * 16 and number(after[1]) == 2 * 40
+    assert number(before[4]) > 0 and number(after[4]) > 0 and number(row(out, "| host CPU per view on a GPU")[4]) > 0
     assert "| network | device | batch | network views/s | end-to-end views/s |" in out
     cells = row(out, "| c3d-b5 | cpu | 2 |")
     assert number(cells[3]) > 0 and number(cells[4]) > 0  # network alone, end to end
@@ -125,3 +130,14 @@ def test_storage() -> None:
         raw, jpeg = row(out, f"| {modality} | raw |"), row(out, f"| {modality} | jpeg q90 4:2:0 |")
         assert number(raw[3]) >= 1.0 and number(raw[4]) == 0.0 and number(raw[5]) > 0  # lossless, plus HDF5 overhead
         assert number(jpeg[3]) < 0.5 and number(jpeg[4]) > 0 and number(jpeg[6]) > 0
+
+
+def test_predict_time() -> None:
+    out = run_bench("predict_time.py", "--frames", "6", "--size", "32x43", "--clips", "1", "--crop", "16")
+    assert "| video | frames | decode | TV-L1 flow (cpu) | flow store + RGBF + JPEG | predict RGB |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| video")]
+    assert len(rows) >= 2
+    for line in rows:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert number(cells[1]) == 6 and all(number(cell) >= 0 for cell in cells[2:])
+        assert number(cells[5]) > 0 and number(cells[7]) > 0  # predict RGB, fused: real seconds

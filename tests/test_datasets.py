@@ -181,8 +181,8 @@ def test_folder_tree_with_split_lists_and_id_clash(tmp_path):
 
 
 def test_options_are_checked_per_kind(tmp_path):
-    with pytest.raises(DatasetError, match="unknown dataset kind 'kinetics'"):
-        index_dataset("kinetics", tmp_path)
+    with pytest.raises(DatasetError, match="unknown dataset kind 'youtube8m'"):
+        index_dataset("youtube8m", tmp_path)
     with pytest.raises(DatasetError, match="needs splits_dir"):
         index_dataset("ucf101", tmp_path)
     with pytest.raises(DatasetError, match="does not use labels_file"):
