@@ -100,8 +100,8 @@ def test_module_fused_path_matches_eager_forward_and_backward() -> None:
 def test_module_fused_path_under_bf16_autocast() -> None:
     """The trainer's GPU path (bf16 autocast) on the CPU: the fused cascade casts like eager autocast does.
     oneDNN is off: its bf16 conv3d weight gradient is nondeterministic (BENCHMARKS.md, "bf16 on a CPU")."""
-    eager = AsymConv3d(6, 16, ASYM_5)
-    fused = AsymConv3d(6, 16, ASYM_5)
+    eager = AsymConv3d(6, 16, ASYM_5).to(memory_format=torch.channels_last_3d)  # as the trainer's GPU path
+    fused = AsymConv3d(6, 16, ASYM_5).to(memory_format=torch.channels_last_3d)
     fused.load_state_dict(eager.state_dict())
     set_cascade_path(fused, "fused")
     x = make_input(1, 6, 3, 5, 6, channels_last=True)
