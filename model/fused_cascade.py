@@ -2,8 +2,9 @@
 
 Why: the eager cascade runs three convolutions, each writing a full-width activation that the next one re-reads
 and that autograd keeps for backward; a one-directional kernel does only C*k MACs per output value, so those
-passes through memory, not arithmetic, set its time (BENCHMARKS.md, issues 2 and 25). Here one program computes a
-row segment of the output for every time step, keeping the intermediates in registers:
+passes through memory weigh more than its arithmetic (on a CPU a cascade costs 2.4-6x more per MAC than a 3x3x3
+layer; on a GPU the device check measures it: BENCHMARKS.md, issues 2 and 25). Here one program computes a row
+segment of the output for every time step, keeping the intermediates in registers:
 
 - stage 1 (along H) reads its halo rows straight from the input;
 - stage 2 (along W) needs stage 1 at W-shifted positions; registers cannot be shifted, so stage 1 is recomputed for
