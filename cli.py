@@ -8,7 +8,10 @@ import click
 
 # Choice lists and defaults come from the library they describe (tests/test_cli_options.py walks every option).
 from model.clips import CROP_CHOICES
+from model.checkpoint import CHECKPOINT_CHOICES
 from model.config import SCHEDULES, TrainConfig
+from model.export import EXPORT_FORMATS
+from model.features import FEATURE_LAYERS
 from model.networks import WEIGHT_INITS
 from model.runtime import DEVICE_HELP, PRECISIONS, check_device, resolve_device
 from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
@@ -16,7 +19,7 @@ from pipeline.datasets import DATASET_KINDS
 from pipeline.decode import DecodeConfig
 from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS
 from pipeline.errors import Asym3dError
-from pipeline.flow import BACKENDS, TORCH_SOLVERS
+from pipeline.flow import BACKENDS, TORCH_SOLVERS, TVL1_BACKENDS
 from pipeline.rgbf import DEFAULT_FLOW_BOUND, MODALITIES
 from pipeline.stage import BUILD_MAX_FAILURES, DEFAULT_MAX_FAILURES
 
@@ -591,7 +594,7 @@ def _predict_options(func):
     for option in reversed([
         click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
                      help="RUN/splitN/ for runs trained with --splits"),
-        click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best",
+        click.option("--checkpoint", "choice", type=click.Choice(CHECKPOINT_CHOICES), default="best",
                      show_default=True),
         click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
                      help="read how the input is made from these training shards' dataset.json (for checkpoints "
@@ -599,8 +602,7 @@ def _predict_options(func):
         click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True,
                      help="views per batch"),
         click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device),
-        # model.predict.TVL1_BACKENDS, written out so that the CLI starts without importing torch (a test compares)
-        click.option("--flow-backend", type=click.Choice(["auto", "cpu", "cuda", "torch"]), default="auto",
+        click.option("--flow-backend", type=click.Choice(TVL1_BACKENDS), default="auto",
                      show_default=True,
                      help="TV-L1 runs: which TV-L1 computes the flow (as extract-flow --backend)"),
     ]):
@@ -667,7 +669,7 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
 @main.command("features")
 @click.argument("paths", nargs=-1, required=True, type=_existing_path())
 @_predict_options
-@click.option("--layer", type=click.Choice(["fc6", "fc7", "pool5"]), default="fc6", show_default=True,  # FEATURE_LAYERS
+@click.option("--layer", type=click.Choice(tuple(FEATURE_LAYERS)), default="fc6", show_default=True,
               help="fc6/fc7: after their ReLU; pool5: flattened")
 @click.option("--stride", type=click.IntRange(min=1), default=8, show_default=True,
               help="frames between the starts of consecutive windows (a window is the run's clip length)")
@@ -705,7 +707,7 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
 
 @main.command("export")
 @click.argument("run_path", metavar="RUN", type=_existing_path())
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True,  # EXPORT_FORMATS
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="onnx needs pip install 'asym3d[onnx]'")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the file to write")
 @click.option("--check", "check_videos", multiple=True, type=_existing_path(dir_okay=False),
@@ -713,7 +715,7 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
                    "against PyTorch [default: seeded random views]")
 @click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
               help="RUN/splitN/ for runs trained with --splits")
-@click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--checkpoint", "choice", type=click.Choice(CHECKPOINT_CHOICES), default="best", show_default=True)
 @click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
               help="with --check, for checkpoints that predate the schema: the training shards")
 def export_cmd(run_path: Path, fmt: str, out: Path, check_videos: tuple[Path, ...], split: int, choice: str,

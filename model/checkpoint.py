@@ -45,6 +45,7 @@ from torch import nn
 from pipeline.errors import Asym3dError
 from pipeline.store import StoreError, link_atomic, write_bytes_atomic
 
+CHECKPOINT_CHOICES = ("best", "last")  # a run's checkpoints by name: RUN/[splitN/]best.pt, last.pt
 REQUIRED_KEYS = ("model_name", "model_kwargs", "model_state", "epoch", "config", "normalization", "classes")
 
 

@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError
 from pipeline.lock import DirectoryLock
 from pipeline.store import DamagedError, ShardSet, VideoEntry
 
-from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
+from .checkpoint import CHECKPOINT_CHOICES, CheckpointError, build_model_from_checkpoint, load_checkpoint
 from .clips import CROP_CHOICES, ViewProtocol, protocol_frames
 from .data import check_shard_identity, open_training_shards
 from .reports import check_report_identity, write_reports
@@ -251,7 +251,7 @@ def absent_videos(shards: ShardSet) -> list[str]:
 def resolve_checkpoint(run_dir: Path, split: int, choice: str) -> Path:
     """``best``/``last`` -> that checkpoint of split ``split`` in either run layout (:func:`model.runs.split_dir`);
     anything else is a path. Missing -> EvaluationError."""
-    path = split_dir(run_dir, split) / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+    path = split_dir(run_dir, split) / f"{choice}.pt" if choice in CHECKPOINT_CHOICES else Path(choice)
     if not path.is_file():
         raise EvaluationError(f"{path}: no checkpoint for split {split}")
     return path
