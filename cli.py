@@ -6,8 +6,22 @@ from pathlib import Path
 
 import click
 
+# Choice lists and defaults come from the library they describe (tests/test_cli_options.py walks every option).
+from model.clips import CROP_CHOICES
+from model.checkpoint import CHECKPOINT_CHOICES
+from model.config import SCHEDULES, TrainConfig
+from model.export import EXPORT_FORMATS
+from model.features import FEATURE_LAYERS
+from model.networks import WEIGHT_INITS
+from model.runtime import DEVICE_HELP, PRECISIONS, check_device, resolve_device
+from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
 from pipeline.datasets import DATASET_KINDS
+from pipeline.decode import DecodeConfig
+from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS
 from pipeline.errors import Asym3dError
+from pipeline.flow import BACKENDS, TORCH_SOLVERS, TVL1_BACKENDS
+from pipeline.rgbf import DEFAULT_FLOW_BOUND, MODALITIES
+from pipeline.stage import BUILD_MAX_FAILURES, DEFAULT_MAX_FAILURES
 
 
 class _Group(click.Group):
@@ -135,6 +149,12 @@ def _parse_max_failures(ctx: click.Context, param: click.Parameter, value: str) 
     return number
 
 
+def _max_failures_option(default: float):
+    return click.option("--max-failures", default=str(default), show_default=True, callback=_parse_max_failures,
+                        help="failed videos after which the run stops: a count (10) or a fraction of the videos "
+                             "(0.2); 1.0 never stops")
+
+
 def _echo_failures(failures) -> None:
     for failure in failures:
         click.echo(f"FAILED {failure['video_id']}: {failure['reason']}", err=True)
@@ -157,13 +177,14 @@ _BUILD_OPTIONS = ("modalities", "storage", "jpeg_quality", "flow_bound")
 def _build_options(func):
     """What build-rgbf writes; shared with extract-flow --train-dir, which builds the same training shards."""
     for option in reversed([
-        click.option("--modalities", default="rgb,flow,rgbf", show_default=True,
+        click.option("--modalities", default=",".join(MODALITIES), show_default=True,
                      help="comma-separated: rgb, flow (flow image u,v,|F|), rgbf (RGB x normalised |F|, paper eq. 7)"),
-        click.option("--storage", type=click.Choice(["jpeg", "lzf", "gzip", "raw"]), default="jpeg",
-                     show_default=True, help="jpeg: ~0.08x raw size, lossy; lzf/gzip/raw: lossless uint8 (see "
-                                             "BENCHMARKS.md)"),
-        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True),
-        click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=20.0, show_default=True,
+        click.option("--storage", type=click.Choice(list(STORAGE)), default=DEFAULT_STORAGE, show_default=True,
+                     help="jpeg: ~0.07x raw size for the three modalities, lossy; lzf/gzip/raw: lossless uint8 (see "
+                          "BENCHMARKS.md)"),
+        click.option("--jpeg-quality", type=click.IntRange(1, 100), default=DEFAULT_JPEG_QUALITY, show_default=True),
+        click.option("--flow-bound", type=_Finite(min=0, min_open=True), default=DEFAULT_FLOW_BOUND,
+                     show_default=True,
                      help="flow image: u, v in [-B, B] px and |F| in [0, B] px map onto 0..255 (beyond saturates)"),
     ]):
         func = option(func)
@@ -219,8 +240,7 @@ def _tvl1_options(func):
               help="only these classes (FCVID: categories), labelled 0..K-1 in the official order")
 @click.option("--max-missing", type=_Finite(0, 1), default=0.5, show_default=True,
               help="share of a split's listed videos that may be missing on disk (1: any, for partial downloads)")
-@click.option("--max-failures", default="0.5", show_default=True, callback=_parse_max_failures,
-              help="failed videos after which the run stops: a count (10) or a fraction of the videos (0.2)")
+@_max_failures_option(DEFAULT_MAX_FAILURES)
 @click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="decoded frame size HxW")
 @click.option("--fps", type=_Finite(min=0, min_open=True),
               help="resample to this constant frame rate [default: keep the source's own frames]")
@@ -228,7 +248,7 @@ def _tvl1_options(func):
               help="frames decoded per video at most")
 @click.option("--timeout", type=_Finite(min=1), default=600, show_default=True,
               help="seconds before ffmpeg is stopped on one video")
-@click.option("--backend", type=click.Choice(["auto", "cuda", "cpu", "torch", "dis", "farneback"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True,
               help="auto: OpenCV CUDA TV-L1 if OpenCV has CUDA, else the torch TV-L1 on a CUDA GPU, else OpenCV CPU "
                    "TV-L1. cuda/cpu/torch are TV-L1; dis and farneback are fast NON-TV-L1 flows (recorded as such)")
@@ -236,10 +256,11 @@ def _tvl1_options(func):
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="torch backend: frame pairs per batch, pooled across videos (bounds device memory) [default: 32 "
                    "on a CPU; on a GPU 1024 at 171x128, scaled by frame area]")
-@click.option("--solver", type=click.Choice(["auto", "eager", "fused", "compiled"]), default="auto", show_default=True,
+@click.option("--solver", type=click.Choice(TORCH_SOLVERS), default="auto", show_default=True,
               help="torch backend: eager (the reference: finished pairs leave the batch), fused (stopping flags kept "
-                   "on the device), compiled (fused through torch.compile; compile time is printed once and cached "
-                   "between runs); auto = compiled on a GPU, eager on a CPU")
+                   "on the device), compiled (fused through torch.compile; each process first compiles, 10-45 s "
+                   "measured); auto = compiled on a GPU (~2x eager's pairs/s on an H200 once compiled; on 11 clips "
+                   "eager finished first, BENCHMARKS.md), eager on a CPU")
 @_tvl1_options
 @click.option("--videos-per-shard", type=click.IntRange(min=1), default=50, show_default=True)
 @_runner_options
@@ -247,16 +268,20 @@ def _tvl1_options(func):
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 @click.option("--train-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="also build the training shards (as build-rgbf does, with the options below) into this directory, "
-                   "each as soon as its flow shard is complete, and delete the flow shard then: peak disk ~ the "
-                   "training shards, not 6x them")
-@click.option("--keep-flow", is_flag=True, help="with --train-dir: keep the flow shards")
+              help="write the training shards (what build-rgbf writes, with the options below) into this directory "
+                   "instead, made in memory: no flow shard is written, so peak disk ~ the training shards, not 7x "
+                   "them")
+@click.option("--keep-flow", is_flag=True, help="with --train-dir: write the flow shards too")
+@click.option("--encode-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --train-dir and --jobs 1: processes computing the training images and JPEG while the one "
+                   "process holding the flow backend decodes ahead and computes flow (0: all in that process)")
 @_build_options
 @click.pass_context
 def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, splits_dir, labels_file,
                      categories_file, keep_file, classes, max_missing, max_failures, size, fps, max_frames, timeout,
                      backend, device, batch_size, solver, videos_per_shard, jobs, scheduler, retry_failed, repair,
-                     overwrite, train_dir, keep_flow, modalities, storage, jpeg_quality, flow_bound, **tvl1) -> None:
+                     overwrite, train_dir, keep_flow, encode_workers, modalities, storage, jpeg_quality, flow_bound,
+                     **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
@@ -268,12 +293,11 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     the flow shards deleted, rebuilding the training shards with other options means computing the flow again.
     """
     from pipeline.datasets import index_dataset
-    from pipeline.decode import DecodeConfig
     from pipeline.extract import ExtractConfig, extract_flow
     from pipeline.build_rgbf import FollowOn
     from pipeline.tvl1_params import TVL1Params
 
-    given = [name for name in (*_BUILD_OPTIONS, "keep_flow")
+    given = [name for name in (*_BUILD_OPTIONS, "keep_flow", "encode_workers")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given and train_dir is None:
         raise click.UsageError(f"--{given[0].replace('_', '-')} needs --train-dir")
@@ -282,7 +306,7 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
                                             timeout_s=timeout),
                         backend=backend, tvl1=TVL1Params(**tvl1), device=device, batch_size=batch_size,
-                        solver=solver, videos_per_shard=videos_per_shard)
+                        solver=solver, videos_per_shard=videos_per_shard, encode_workers=encode_workers)
     _check_runner(jobs, scheduler)
     index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file, categories_file=categories_file,
                           keep_file=keep_file, classes=classes, max_missing=max_missing)
@@ -314,21 +338,25 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
 @click.argument("flow_dir", type=_existing_path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @_build_options
+@_max_failures_option(BUILD_MAX_FAILURES)
 @_runner_options
 @_repair_option
 @click.option("--overwrite", is_flag=True, help="delete the shards of a different earlier configuration in OUT_DIR")
 def build_rgbf_cmd(flow_dir: Path, out_dir: Path, modalities: str, storage: str, jpeg_quality: int,
-                   flow_bound: float, jobs: int, scheduler: str | None, repair: bool, overwrite: bool) -> None:
+                   flow_bound: float, max_failures: int | float, jobs: int, scheduler: str | None, repair: bool,
+                   overwrite: bool) -> None:
     """Turn extract-flow shards in FLOW_DIR into training shards in OUT_DIR: RGB, flow image and RGBF frames.
 
-    One output shard per input shard (same videos, labels, splits); the input's failures are carried over. A rerun
-    skips complete shards. Exit status 1 when any video failed or some input shards are not written yet.
+    One output shard per input shard (same videos, labels, splits); the input's failures are carried over (and not
+    counted against --max-failures). A rerun skips complete shards. Exit status 1 when any video failed or some
+    input shards are not written yet.
     """
     from pipeline.build_rgbf import build_rgbf
 
     cfg = _build_config(modalities, storage, jpeg_quality, flow_bound)
     _check_runner(jobs, scheduler)
-    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair)
+    summary = build_rgbf(flow_dir, out_dir, cfg, jobs=jobs, scheduler=scheduler, overwrite=overwrite, repair=repair,
+                         max_failures=max_failures)
     _echo_repaired(summary.repaired)
     click.echo(f"{summary.out_dir}: {summary.videos_ok} videos ok, {summary.videos_failed} failed, "
                f"{summary.shards_built} shards built, {summary.shards_skipped}/{summary.shards_planned} already "
@@ -377,13 +405,13 @@ def inspect_cmd(shard_dir: Path, video_id: str | None, out: Path | None, npz: Pa
 
 @main.command("make-demo-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", type=click.IntRange(2, 10), default=6, show_default=True,
-              help="the first K of: translate up/down, static, oscillate, zoom in/out (these survive the "
-                   "paper's flip augmentation), translate right/left, rotate cw/ccw (mirror pairs)")
+@click.option("--classes", type=click.IntRange(2, len(MOTIONS)), default=6, show_default=True,
+              help=f"the first K of: {', '.join(MOTIONS)} (the first six survive the paper's flip augmentation; the "
+                   "last four are mirror pairs)")
 @click.option("--videos-per-class", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--groups", type=click.IntRange(3, 99), default=6, show_default=True,
+@click.option("--groups", type=click.IntRange(NUM_SPLITS, 99), default=6, show_default=True,
               help="scenes gXX; split N tests the N-th third of them (at most --videos-per-class)")
-@click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True, help="frames per video")
+@click.option("--frames", type=click.IntRange(2, MAX_FRAMES), default=32, show_default=True, help="frames per video")
 @click.option("--size", default="128x171", show_default=True, callback=_parse_size, help="frame size HxW")
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: int, frames: int,
@@ -401,43 +429,68 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
                f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return check_device(value)  # its ConfigError names --device; main prints it in one line
+
+
+def _schedules_text() -> str:
+    """The presets of model.config.SCHEDULES in words, for --schedule's help (a preset's missing keys keep
+    TrainConfig's defaults)."""
+    texts = []
+    for name, preset in SCHEDULES.items():
+        s = {key: preset.get(key, getattr(TrainConfig, key)) for key in ("lr", "lr_step", "lr_gamma", "epochs",
+                                                                          "fc8_lr_mult")}
+        decay = f"/{1 / s['lr_gamma']:g} every {s['lr_step']} epochs" if s["lr_step"] else "constant"
+        fc8 = f", fc8 at {s['fc8_lr_mult']:g}x lr" if s["fc8_lr_mult"] != 1 else ""
+        texts.append(f"{name}: lr {s['lr']:g} {decay}, {s['epochs']} epochs{fc8}")
+    return "; ".join(texts)
+
+
 @main.command("train")
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", required=True, help="network name (see `asym3d models`)")
-@click.option("--input", "modality", type=click.Choice(["rgb", "flow", "rgbf"]), default="rgb", show_default=True)
-@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True, help="train on this split")
-@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN")
+@click.option("--input", "modality", type=click.Choice(MODALITIES), default=TrainConfig.input, show_default=True)
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+              help="train on this split, into OUT")
+@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN (evaluate reads either "
+                               "layout from run.json)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run dir")
-@click.option("--schedule", type=click.Choice(["pretrain", "finetune", "none"]), default="none", show_default=True,
-              help="paper §4.3 presets: pretrain lr 1e-3 /5 every 15 epochs, 50 epochs; finetune lr 1e-4 /10 every "
-                   "8 epochs, 20 epochs, fc8 at 10x lr; none: lr 1e-3 constant, 20 epochs. Options below override")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=TrainConfig.schedule, show_default=True,
+              help=f"paper §4.3 presets: {_schedules_text()}. Options below override")
 @click.option("--epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1), help="clips per step per process [default: 16]")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=f"clips per step per process [default: {TrainConfig.batch_size}]")
 @click.option("--lr", type=_Finite(min=0, min_open=True), help="learning rate")
 @click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
-@click.option("--workers", type=click.IntRange(min=0), help="data loader processes [default: 2]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0),
+              help=f"data loader processes [default: {TrainConfig.workers}]")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
-              help="frames x crop x crop; the crop must fit the stored frames (128x171 by default)")
+              help=f"frames x crop x crop; the crop must fit the stored frames ({DecodeConfig.height}x"
+                   f"{DecodeConfig.width} by default) and the network's weights, gradients and momentum the "
+                   "device's memory")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
-              help="dropout rate after fc6 and fc7 [default: 0.5, the paper's]")
-@click.option("--weight-init", help="initialisation from scratch [default: he-torchfc: He convs, PyTorch's Linear "
-                                    "default for fc6/fc7]; c3d: the paper's Caffe C3D fillers; he: He fc6/fc7 too "
-                                    "(unstable); he-smallfc: fc6/fc7 N(0, 0.005); torch: PyTorch's defaults "
-                                    "(BENCHMARKS.md, 'Training from scratch')")
+              help=f"dropout rate after fc6 and fc7 [default: {TrainConfig.dropout:g}, the paper's]")
+@click.option("--weight-init", type=click.Choice(WEIGHT_INITS),
+              help=f"initialisation from scratch [default: {TrainConfig.weight_init}: He convs, PyTorch's Linear "
+                   "default for fc6/fc7]; c3d: the paper's Caffe C3D fillers; he: He fc6/fc7 too (unstable); "
+                   "he-smallfc: fc6/fc7 N(0, 0.005); torch: PyTorch's defaults (BENCHMARKS.md, 'Training from "
+                   "scratch')")
 @click.option("--init", "init", type=_existing_path(dir_okay=False), help="start from this checkpoint's weights")
 @click.option("--resume", is_flag=True, help="continue OUT/last.pt exactly where it stopped")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True,
               help="auto: bf16 autocast with channels_last_3d on a GPU that supports bf16, float32 elsewhere; "
                    "evaluation follows the run's choice")
 @click.option("--max-missing", type=_Finite(0, 1), default=0.05, show_default=True,
               help="largest fraction of planned videos that may be absent from the shards")
 @click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
               help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
-def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
+@click.pass_context
+def train_cmd(ctx: click.Context, shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None,
+              out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, weight_init: str | None,
               init: Path | None, resume: bool, compile_: bool, precision: str, max_missing: float,
@@ -453,6 +506,8 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 
     if clip[1] != clip[2]:
         raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")
+    if splits and ctx.get_parameter_source("split") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --split N or --splits N,M,.., not both")
     cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
@@ -474,10 +529,10 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 @click.option("--checkpoint", "checkpoints", multiple=True, default=["best"], show_default=True,
               help="best, last or a path; once for all splits or repeated once per split")
 @click.option("--clips", type=click.IntRange(min=1), default=25, show_default=True, help="clips per video")
-@click.option("--crops", type=click.Choice(["1", "10"]), default="10", show_default=True,
+@click.option("--crops", type=click.Choice([str(n) for n in CROP_CHOICES]), default="10", show_default=True,
               help="10: centre + 4 corners, each also mirrored; 1: centre only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True, help="views per batch")
-@click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="data loader workers")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="report directory [default: RUN_DIR/eval, or RUN_A/eval/fused_A+B with --fuse]")
@@ -487,9 +542,10 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
               help="also write features_splitN.npz: that layer's ReLU output averaged over each video's views")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the markdown table")
 def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None, checkpoints: tuple[str, ...],
-                 clips: int, crops: str, batch_size: int, device: str | None, workers: int, out: Path | None,
+                 clips: int, crops: str, batch_size: int, device: str, workers: int, out: Path | None,
                  fuse: bool, weights: str | None, feature_layer: str | None, as_json: bool) -> None:
-    """Test RUN_DIR's per-split checkpoints (RUN_DIR/splitN/best.pt) with the paper's 25 clips x 10 crops.
+    """Test RUN_DIR's checkpoints with the paper's 25 clips x 10 crops: RUN_DIR/splitN/best.pt of a --splits run,
+    RUN_DIR/best.pt of a --split N run (run.json says which split it holds).
 
     Writes to --out: results.md/.json (per split top-1, top-5, mean class accuracy; mean and std over splits),
     per_class_splitN.csv, confusion_splitN.png and scores_splitN.npz. With --fuse RUN_A RUN_B: the weighted mean
@@ -500,7 +556,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     from model.evaluate import evaluate_run
     from model.results import parse_splits
     from model.fusion import fuse_runs, parse_weights
-    from pipeline.devices import check_device
 
     split_list = parse_splits(splits)
     if fuse:
@@ -511,8 +566,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     else:
         if len(run_dirs) != 1 or weights:
             raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
-        if device:
-            check_device(device)
         summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
                                clips=clips, crops=int(crops), batch_size=batch_size, device=device,
                                workers=workers, feature_layer=feature_layer)
@@ -541,16 +594,15 @@ def _predict_options(func):
     for option in reversed([
         click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
                      help="RUN/splitN/ for runs trained with --splits"),
-        click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best",
+        click.option("--checkpoint", "choice", type=click.Choice(CHECKPOINT_CHOICES), default="best",
                      show_default=True),
         click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
                      help="read how the input is made from these training shards' dataset.json (for checkpoints "
                           "written before checkpoints carried it)"),
         click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True,
                      help="views per batch"),
-        click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]"),
-        # model.predict.TVL1_BACKENDS, written out so that the CLI starts without importing torch (a test compares)
-        click.option("--flow-backend", type=click.Choice(["auto", "cpu", "cuda", "torch"]), default="auto",
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device),
+        click.option("--flow-backend", type=click.Choice(TVL1_BACKENDS), default="auto",
                      show_default=True,
                      help="TV-L1 runs: which TV-L1 computes the flow (as extract-flow --backend)"),
     ]):
@@ -562,14 +614,14 @@ def _predict_options(func):
 @click.argument("paths", nargs=-1, required=True, type=_existing_path())
 @_predict_options
 @click.option("--clips", type=click.IntRange(min=1), default=25, show_default=True, help="clips per video")
-@click.option("--crops", type=click.Choice(["1", "10"]), default="10", show_default=True,
+@click.option("--crops", type=click.Choice([str(n) for n in CROP_CHOICES]), default="10", show_default=True,
               help="10: centre + 4 corners, each also mirrored; 1: centre only")
 @click.option("--weights", help="several runs: one weight per run, e.g. 1,1 [default: equal]")
 @click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True, help="classes shown")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list (one entry per video) at the end")
 @click.option("--csv", "as_csv", is_flag=True, help="print CSV rows: video,rank,class,probability")
 def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
-                device: str | None, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
+                device: str, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
                 as_json: bool, as_csv: bool) -> None:
     """Classify videos: RUN [RUN ...] VIDEO_OR_DIR ...
 
@@ -580,16 +632,14 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
     """
     import json
 
-    from model.evaluate import default_device
     from model.fusion import parse_weights
     from model.predict import find_videos, load_run, predict_videos
-    from pipeline.devices import check_device
 
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
     run_paths, inputs = _split_runs(paths)
     weight_list = parse_weights(weights) if weights else None
-    device = check_device(device or default_device())
+    device = str(resolve_device(device))
     runs = [load_run(path, split=split, choice=choice, shards=shard_dir) for path in run_paths]
     classes = runs[0].classes
     results, failed = [], 0
@@ -619,7 +669,7 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
 @main.command("features")
 @click.argument("paths", nargs=-1, required=True, type=_existing_path())
 @_predict_options
-@click.option("--layer", type=click.Choice(["fc6", "fc7", "pool5"]), default="fc6", show_default=True,  # FEATURE_LAYERS
+@click.option("--layer", type=click.Choice(tuple(FEATURE_LAYERS)), default="fc6", show_default=True,
               help="fc6/fc7: after their ReLU; pool5: flattened")
 @click.option("--stride", type=click.IntRange(min=1), default=8, show_default=True,
               help="frames between the starts of consecutive windows (a window is the run's clip length)")
@@ -627,7 +677,7 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
                                                "[default: the centre crop]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the .h5 file")
 def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
-                 device: str | None, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
+                 device: str, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
     """C3D-style features: RUN [VIDEO_OR_DIR ...], or RUN --shards SHARD_DIR for every video stored there.
 
     One vector per window of the run's clip length every --stride frames, and per video their mean, keyed by video
@@ -635,16 +685,14 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
     (an interrupted run keeps what it finished in OUT.parts/); a video that cannot be used is one line on stderr
     and the rest go on (exit status 1 then).
     """
-    from model.evaluate import default_device
     from model.features import check_writable, extract_features, shard_sources, video_sources
     from model.predict import find_videos, load_run
-    from pipeline.devices import check_device
 
     run_paths, inputs = _split_runs(paths, inputs_required=shard_dir is None)
     if len(run_paths) != 1:
         raise click.UsageError("give one RUN")
     check_writable(out)
-    device = check_device(device or default_device())
+    device = str(resolve_device(device))
     run = load_run(run_paths[0], split=split, choice=choice, shards=shard_dir)
     sources = (video_sources(run, find_videos(inputs), flow_backend, device) if inputs
                else shard_sources(run, shard_dir))
@@ -659,7 +707,7 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
 
 @main.command("export")
 @click.argument("run_path", metavar="RUN", type=_existing_path())
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True,  # EXPORT_FORMATS
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="onnx needs pip install 'asym3d[onnx]'")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the file to write")
 @click.option("--check", "check_videos", multiple=True, type=_existing_path(dir_okay=False),
@@ -667,7 +715,7 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
                    "against PyTorch [default: seeded random views]")
 @click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
               help="RUN/splitN/ for runs trained with --splits")
-@click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--checkpoint", "choice", type=click.Choice(CHECKPOINT_CHOICES), default="best", show_default=True)
 @click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
               help="with --check, for checkpoints that predate the schema: the training shards")
 def export_cmd(run_path: Path, fmt: str, out: Path, check_videos: tuple[Path, ...], split: int, choice: str,

@@ -1,9 +1,9 @@
 """Every network of the paper from one specification: spec dataclasses, the two family builders, the named variants
 (one line each), the registry and the :class:`Net3D` module that a spec builds into.
 
-Shared skeleton (DESIGN.md, "Networks"): five conv stages, each followed by a max-pool (pool1 1x2x2, the rest 2x2x2,
-pool5 padded (0,1,1) as in C3D so 2x7x7 becomes 1x4x4), then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout ->
-fc8. Families differ only in what each stage's :data:`~model.layers.Block` is and in the widths.
+Shared skeleton (docs/DESIGN.md, "Networks"): five conv stages, each followed by a max-pool (pool1 1x2x2, the rest
+2x2x2, pool5 padded (0,1,1) as in C3D so 2x7x7 becomes 1x4x4), then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout
+-> fc8. Families differ only in what each stage's :data:`~model.layers.Block` is and in the widths.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def c3d_spec(name: str, depth: int, asym: str = "", micronet: str = "") -> Netwo
 
 def asym3d_spec(name: str, micronets: tuple[str, str, str]) -> NetworkSpec:
     """The paper's asymmetric 3D-CNN (Figure 4): conv1 64, conv2 128 (3x3x3), then MicroNets for conv3-5 at 256,
-    512, 512 channels and fc 4096. Figure 4's widths are not in the text; these are our reading (DESIGN.md)."""
+    512, 512 channels and fc 4096. Figure 4's widths are not in the text; these are our reading (docs/DESIGN.md)."""
     stages = [Stage("conv1", stack_block(64, CONV_3x3x3), "3x3x3", **_pool(1))]
     stages.append(Stage("conv2", stack_block(128, CONV_3x3x3), "3x3x3", **_pool(2)))
     for index, (width, variant) in enumerate(zip((256, 512, 512), micronets), start=3):

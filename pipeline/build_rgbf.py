@@ -8,16 +8,14 @@ is declared up front, a different configuration in the same directory is refused
 skips complete shards that are newer than their input, and failures (the input's and new ones) are recorded per video.
 
 Storage default (measured by ``bench/storage.py``, table in BENCHMARKS.md): JPEG q90 for every modality, about
-0.08x the raw uint8 size for the three together; ``--storage lzf|gzip|raw`` is lossless.
+0.07x the raw uint8 size for the three together (measured 0.067-0.069x); ``--storage lzf|gzip|raw`` is lossless.
 """
 from __future__ import annotations
 
 import json
 import math
-import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -25,12 +23,11 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.rgbf import (DEFAULT_FLOW_BOUND, FLOW_IMAGE_ENCODING, LAST_FRAME_PAIRING, MODALITIES, RGBF_DEFINITION,
                            RGBFError, paired_flow_index, training_frames)
-from pipeline.lock import DirectoryLock
-from pipeline.runner import run_tasks
-from pipeline.store import (DamagedError, FieldSpec, Schema, ShardSet, ShardWriter, StoreError, VideoEntry, VideoMeta,
-                            decode_field, library_versions, open_shard, os_reason, prepare_output, read_checked,
-                            shard_name, video_entries, write_manifest)
-from pipeline.verify import Damage, set_aside_damaged
+from pipeline.stage import BUILD_MAX_FAILURES, Output, ShardResult, Stage
+from pipeline.store import (DamagedError, FieldSpec, JpegFrames, Schema, ShardSet, ShardWriter, StoreError,
+                            VideoEntry, VideoMeta, damaged_shard, decode_field, encode_jpeg, library_versions,
+                            open_shard, os_reason, read_checked, shard_name, video_entries)
+from pipeline.verify import Damage
 
 STORAGE = {  # --storage name -> FieldSpec arguments (quality is filled in for JPEG)
     "jpeg": {"encoding": "jpeg"},
@@ -43,8 +40,10 @@ DEFAULT_JPEG_QUALITY = 90
 # JPEG chroma subsampling: 4:2:0 decodes ~30% faster and is smaller for natural images (RGB, RGBF); flow images keep
 # full-resolution chroma because their channels are u, v and |F|, not colour.
 JPEG_SUBSAMPLING = {"rgb": "420", "rgbf": "420", "flow": "444"}
-# Frames computed per step: bounds the float32 temporaries of a long video to a few tens of MB.
-CHUNK_FRAMES = 128
+# Frames computed per step: the float32 temporaries of 8 frames at 128x171 (~2 MB) stay in the CPU's cache, which
+# makes the training frames ~1.8x cheaper than steps of 128 frames (tens of MB, bench/host_cost.py); any long video
+# costs the same bounded memory.
+CHUNK_FRAMES = 8
 DESCRIPTIONS = {
     "rgb": "RGB frames, copied from the flow shards",
     "flow": "flow image (u, v, |F|); see schema.config.flow_image",
@@ -116,11 +115,11 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class FollowOn:
-    """``extract-flow --train-dir``: build each training shard as soon as its flow shard is complete (issue 17).
+    """``extract-flow --train-dir``: build each training shard in memory from the decoded frames and their flow
+    (issues 17, 21), the same bytes build-rgbf writes from the flow shards.
 
-    Without ``keep_flow`` the flow shard is deleted once its training shard is complete, so the disk holds the
-    training shards plus only the flow shards in flight (one per worker) instead of every flow shard (~7x the
-    training shards). The training shards are the ones build-rgbf writes from the same flow shards, frame for frame.
+    No flow shard is written unless ``keep_flow``, so the disk holds the training shards only, instead of every flow
+    shard too (~7x the training shards).
     """
 
     out_dir: Path
@@ -134,19 +133,9 @@ def shard_task(flow_shard: Path, out_dir: Path, index: int, source_schema: Schem
         try:
             videos = tuple(video_entries(f, flow_shard.name))
         except (OSError, KeyError, TypeError, ValueError) as exc:
-            raise DamagedError(f"{flow_shard}: damaged shard ({os_reason(exc)}); rerun with --repair") from None
+            raise damaged_shard(flow_shard, exc) from None
     return ShardTask(str(flow_shard), str(Path(out_dir) / flow_shard.name), index, videos, source_schema,
                      train_schema(source_schema, cfg), cfg.flow_bound)
-
-
-@dataclass
-class ShardResult:
-    shard: str
-    videos_ok: int = 0
-    videos_failed: int = 0  # new failures plus those carried over from the input shard
-    frames: int = 0
-    skipped: bool = False  # the output shard was already complete
-    failures: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -178,23 +167,28 @@ def _check_source(flow_dir: Path, shards: ShardSet) -> None:
         raise StoreError(f"{flow_dir}: expected 'rgb' (3 channels, T frames) and 'flow' (2 channels, T-1 pairs)")
 
 
-def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bool = False, repair: bool = False
-               ) -> tuple[list[ShardTask], list[str], int, list[Damage]]:
-    """Check the input, prepare ``out_dir`` and list the shards still to build (the caller holds its lock).
-
-    Returns ``(tasks, input shards not yet written, output shards already complete, damage repaired)``; with
-    ``repair``, damaged output shards are set aside first (:mod:`pipeline.verify`) so they are rebuilt. Raises
-    :class:`StoreError` for an input that is not extract-flow output, or an ``out_dir`` holding another
-    configuration (unless ``overwrite``).
-    """
+def read_source(flow_dir: Path, out_dir: Path) -> ShardSet:
+    """The flow shards build-rgbf reads; :class:`StoreError` for an input that is not extract-flow output or is the
+    output directory itself."""
     flow_dir, out_dir = Path(flow_dir), Path(out_dir)
     if flow_dir.resolve() == out_dir.resolve():
         raise StoreError(f"{out_dir}: output directory must differ from the flow directory")
     source = ShardSet(flow_dir)
     source.close()
     _check_source(flow_dir, source)
-    schema = train_schema(source.schema, cfg)
-    repaired = prepare_train_output(out_dir, schema, source.dataset, source.plan, overwrite=overwrite, repair=repair)
+    return source
+
+
+def train_output(out_dir: Path, source: Schema, cfg: BuildConfig) -> Output:
+    """The training-shard directory as a stage output: its schema and what is recorded there."""
+    return Output(Path(out_dir), train_schema(source, cfg), {"libraries": library_versions()})
+
+
+def plan_build(source: ShardSet, out_dir: Path, schema: Schema, flow_bound: float
+               ) -> tuple[list[ShardTask], list[str], int]:
+    """The shards still to build into ``out_dir`` (declared, and locked by the caller), as ``(tasks, input shards
+    not yet written, output shards already complete)``."""
+    flow_dir, out_dir = source.root, Path(out_dir)
     by_shard: dict[str, list[VideoEntry]] = {name: [] for name in source.complete_shards}
     for video in source.videos:
         by_shard[video.shard].append(video)
@@ -209,16 +203,8 @@ def plan_build(flow_dir: Path, out_dir: Path, cfg: BuildConfig, *, overwrite: bo
             skipped += 1
         else:
             tasks.append(ShardTask(str(flow_dir / name), str(out_dir / name), index, tuple(by_shard[name]),
-                                   source.schema, schema, cfg.flow_bound))
-    return tasks, waiting, skipped, repaired
-
-
-def prepare_train_output(out_dir: Path, schema: Schema, dataset: dict[str, Any], plan: list[list[str]], *,
-                         overwrite: bool, repair: bool) -> list[Damage]:
-    """Declare ``out_dir`` (refusing another configuration, see :func:`pipeline.store.prepare_output`); with
-    ``repair``, set its damaged shards aside so they are rebuilt. The caller holds the directory's lock."""
-    prepare_output(out_dir, schema, dataset, plan, overwrite=overwrite, recorded={"libraries": library_versions()})
-    return set_aside_damaged(out_dir) if repair else []
+                                   source.schema, schema, flow_bound))
+    return tasks, waiting, skipped
 
 
 def up_to_date(source: Path, output: Path) -> bool:
@@ -233,25 +219,39 @@ def _read(handle: h5py.File, spec: FieldSpec, video: VideoEntry, start: int, sto
 
 
 def _video_frames(handle: h5py.File, task: ShardTask, video: VideoEntry) -> dict[str, np.ndarray]:
-    """All training frames of one video, computed ``CHUNK_FRAMES`` at a time.
+    """All training frames of one video read from a flow shard.
 
     Raises RGBFError, or OSError / DamagedError when the input fails its checksums."""
     rgb_spec, flow_spec = task.source_schema.field("rgb"), task.source_schema.field("flow")
     n_pairs = handle["videos"][video.key]["flow"].shape[0]
     if n_pairs != video.n_frames - 1:
         raise RGBFError(f"{n_pairs} flow pairs for {video.n_frames} frames (expected {video.n_frames - 1})")
-    pairing = paired_flow_index(video.n_frames)
-    names = task.schema.field_names
-    out = {name: np.empty((video.n_frames, task.schema.height, task.schema.width, 3), np.uint8) for name in names}
-    for start in range(0, video.n_frames, CHUNK_FRAMES):
-        stop = min(start + CHUNK_FRAMES, video.n_frames)
-        checksums = task.source_schema.version >= 2
-        rgb = _read(handle, rgb_spec, video, start, stop, checksums)
+    checksums = task.source_schema.version >= 2
+    return video_training_frames(video.n_frames, lambda a, b: _read(handle, rgb_spec, video, a, b, checksums),
+                                 lambda a, b: _read(handle, flow_spec, video, a, b, checksums), task.schema,
+                                 task.flow_bound)
+
+
+def video_training_frames(n_frames: int, rgb_of, flow_of, schema: Schema, flow_bound: float
+                          ) -> dict[str, np.ndarray | JpegFrames]:
+    """All training frames of one video, ``CHUNK_FRAMES`` at a time: ``rgb_of(a, b)`` gives frames ``a:b`` and
+    ``flow_of(a, b)`` flow pairs ``a:b`` as stored. JPEG fields are encoded step by step (whole-video images would
+    cost more in page faults than in arithmetic), raw ones gathered. One function for build-rgbf (reading a flow
+    shard) and extract-flow --train-dir (in memory), so both write the same training shards. Raises RGBFError."""
+    pairing = paired_flow_index(n_frames)
+    names = tuple(schema.field_names)
+    out: dict[str, np.ndarray | JpegFrames] = {
+        spec.name: JpegFrames() if spec.encoding == "jpeg" else
+        np.empty((n_frames, schema.height, schema.width, 3), np.uint8) for spec in schema.fields}
+    for start in range(0, n_frames, CHUNK_FRAMES):
+        stop = min(start + CHUNK_FRAMES, n_frames)
         first = int(pairing[start])
-        flow = _read(handle, flow_spec, video, first, int(pairing[stop - 1]) + 1, checksums)
-        flow = flow[pairing[start:stop] - first]
-        for name, frames in training_frames(rgb, flow, tuple(names), task.flow_bound).items():
-            out[name][start:stop] = frames
+        flow = flow_of(first, int(pairing[stop - 1]) + 1)[pairing[start:stop] - first]
+        for name, frames in training_frames(rgb_of(start, stop), flow, names, flow_bound).items():
+            if isinstance(out[name], JpegFrames):
+                out[name].extend(encode_jpeg(schema.field(name), frames))
+            else:
+                out[name][start:stop] = frames
     return out
 
 
@@ -261,50 +261,52 @@ def process_shard(task: ShardTask) -> ShardResult:
     Module-level and free of open handles, so joblib and dask can pickle it with its task.
     """
     output = Path(task.output)
-    result = ShardResult(output.name)
     if up_to_date(Path(task.source), output):  # finished by an earlier run or a retried task
-        result.skipped = True
-        return result
+        return ShardResult(task.shard_index, 0, (), 0, skipped=True)
     recorded = {"libraries": library_versions()}
+    ok = frames_done = 0
     with open_shard(task.source) as handle, ShardWriter(output, task.schema, task.shard_index, recorded) as writer:
-        result.failures.extend(json.loads(handle.attrs.get("failures", "[]")))
+        inherited = json.loads(handle.attrs.get("failures", "[]"))
+        for failure in inherited:
+            writer.add_failure(failure["video_id"], failure["path"], failure["reason"])
         for video in task.videos:
             try:
                 frames = _video_frames(handle, task, video)
             except RGBFError as exc:
-                result.failures.append({"video_id": video.video_id, "path": video.source,
-                                        "reason": f"build-rgbf: {exc}"})
+                writer.add_failure(video.video_id, video.source, f"build-rgbf: {exc}")
                 continue
             except (OSError, DamagedError) as exc:  # the input fails its checksum or cannot be read
-                result.failures.append({"video_id": video.video_id, "path": video.source,
-                                        "reason": f"build-rgbf: {task.source}: damaged input ({os_reason(exc)}); "
-                                                  "see asym3d extract-flow --repair"})
+                writer.add_failure(video.video_id, video.source, f"build-rgbf: {task.source}: damaged input "
+                                                                 f"({os_reason(exc)}); see asym3d extract-flow --repair")
                 continue
             writer.add_video(VideoMeta(video.video_id, video.label, video.label_name, video.source, video.splits),
                              frames)
-            result.videos_ok += 1
-            result.frames += video.n_frames
-        for failure in result.failures:
-            writer.add_failure(failure["video_id"], failure["path"], failure["reason"])
-    result.videos_failed = len(result.failures)
-    return result
+            ok += 1
+            frames_done += video.n_frames
+    return ShardResult(task.shard_index, ok, writer.failures, frames_done, skipped=False, inherited=len(inherited))
 
 
 def build_rgbf(flow_dir: Path, out_dir: Path, cfg: BuildConfig = BuildConfig(), *, jobs: int = 1,
                scheduler: str | None = None, overwrite: bool = False, repair: bool = False,
-               progress: bool = True) -> BuildSummary:
-    """Run the stage: plan, build the missing shards with joblib (``jobs``) or dask (``scheduler``), write the
-    manifest. Complete output shards are left untouched, so a rerun of a finished build does nothing. The run
-    holds ``out_dir``'s lock throughout; ``repair`` rebuilds exactly the output shards that fail verification."""
-    with DirectoryLock(out_dir):
-        tasks, waiting, skipped, repaired = plan_build(flow_dir, out_dir, cfg, overwrite=overwrite, repair=repair)
-        results = run_tasks(process_shard, tasks, jobs=jobs, scheduler=scheduler, desc="build-rgbf",
-                            frames_of=operator.attrgetter("frames"), progress=progress)
-        manifest: dict[str, Any] = write_manifest(Path(out_dir))
+               max_failures: int | float = BUILD_MAX_FAILURES, progress: bool = True) -> BuildSummary:
+    """Run the stage (:class:`pipeline.stage.Stage`): check the input, declare ``out_dir``, build the missing shards
+    with joblib (``jobs``) or dask (``scheduler``), write the manifest. Complete output shards are left untouched,
+    so a rerun of a finished build does nothing; ``repair`` rebuilds exactly the output shards that fail
+    verification. ``max_failures`` (a count, or a fraction of the planned videos) caps the videos this stage fails;
+    failures carried over from the input are recorded but not counted."""
+    source = read_source(flow_dir, out_dir)
+    output = train_output(out_dir, source.schema, cfg)
+    with Stage([output], source.dataset, source.plan, videos=sum(map(len, source.plan)), max_failures=max_failures,
+               overwrite=overwrite, repair=repair) as stage:
+        tasks, waiting, skipped = plan_build(source, out_dir, output.schema, cfg.flow_bound)
+        results = stage.run(process_shard, tasks, desc="build-rgbf", jobs=jobs, scheduler=scheduler,
+                            progress=progress)
+    manifest = stage.manifests[0]
     failures = [{k: v.get(k, "") for k in ("video_id", "path", "reason")}
                 for v in manifest["videos"] if v["status"] == "failed"]
     return BuildSummary(out_dir=Path(out_dir), shards_planned=manifest["summary"]["shards_planned"],
                         shards_built=sum(not r.skipped for r in results),
                         shards_skipped=skipped + sum(r.skipped for r in results), shards_waiting=waiting,
                         videos_ok=manifest["summary"]["videos_ok"], videos_failed=len(failures),
-                        frames_built=sum(r.frames for r in results), failures=failures, repaired=repaired)
+                        frames_built=sum(r.frames for r in results), failures=failures,
+                        repaired=list(stage.repaired))

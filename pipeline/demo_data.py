@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline.decode import ffmpeg_exe
 from pipeline.errors import Asym3dError
-from pipeline.store import atomic_output
+from pipeline.store import atomic_output, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "CLASS_NAMES",
@@ -338,8 +338,7 @@ def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
 
 def _write_crlf(path: Path, lines: list[str]) -> None:
     """Write lines with CRLF ends, as the official UCF-101 split files have; temporary name, then rename."""
-    with atomic_output(path) as tmp:
-        tmp.write_bytes("".join(line + "\r\n" for line in lines).encode("ascii"))
+    write_bytes_atomic(path, "".join(line + "\r\n" for line in lines).encode("ascii"))
 
 
 def _check_output_dir(out: Path, params: dict[str, object]) -> None:
@@ -399,7 +398,7 @@ def make_demo_dataset(
     for name in CLASS_NAMES[:classes]:
         (video_root / name).mkdir(parents=True, exist_ok=True)
     split_dir.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
+    write_text_atomic(out / "demo.json", json.dumps(params, indent=2) + "\n")
 
     encoded = 0
     for spec in plan:

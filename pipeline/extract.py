@@ -9,10 +9,14 @@ Any exception while one video is decoded or its flow computed fails that video, 
 on: up to ``max_failures`` videos (a count, or a fraction of the run's videos), after which the run stops with
 :class:`TooManyFailures`; the finished shards are kept for a rerun.
 
-With ``train`` (``extract-flow --train-dir TRAIN_DIR``) each shard's training shard is built by the same worker as
-soon as its flow shard is complete, and the flow shard is then deleted (unless ``keep_flow``): the peak disk is the
-training shards plus the flow shards in flight, not every flow shard (BENCHMARKS.md, issue 17). Both directories are
-declared, locked and resumed as the two stages do them one after the other.
+With ``train`` (``extract-flow --train-dir TRAIN_DIR``) each shard's training shard is made in memory by the same
+worker (:func:`process_chained`): the flow rounded to its stored precision, the training frames computed from it and
+the decoded frames, byte for byte the shard build-rgbf writes from the flow shard, which is never written (unless
+``keep_flow``). The peak disk is the training shards alone, and the host does none of the flow shard's compression,
+checksums, reading back and deletion (BENCHMARKS.md, issue 21). Both directories are declared, locked and resumed
+by the stage driver (:mod:`pipeline.stage`). With ``encode_workers`` (``--jobs 1`` only) the process holding the
+flow backend keeps decoding ahead and computing flow while a pool of that many processes makes the training images
+and JPEG, in a bounded window written back in order: one device owner fed and drained by CPU pools.
 
 The schema (the output's identity) holds the decoding and the flow algorithm with its parameters; the backend,
 device, batch size, timeout and library versions are recorded beside it, so ``--retry-failed --timeout 60`` or a
@@ -23,9 +27,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
-import math
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,17 +39,18 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from pipeline.build_rgbf import FollowOn, prepare_train_output, shard_task, train_schema, up_to_date
+from pipeline.build_rgbf import FollowOn, shard_task, train_output, up_to_date, video_training_frames
 from pipeline.build_rgbf import process_shard as build_shard
 from pipeline.datasets import DatasetIndex, VideoRecord
 from pipeline.decode import DecodeConfig, DecodeError, decode_video
 from pipeline.errors import Asym3dError, ConfigError
 from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_backend
-from pipeline.lock import DirectoryLock
-from pipeline.runner import run_tasks
-from pipeline.store import (DamagedError, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, library_versions,
-                            open_shard, os_reason, prepare_output, shard_name, write_manifest)
-from pipeline.verify import Damage, set_aside_damaged
+from pipeline.stage import DEFAULT_MAX_FAILURES, Output, ShardResult, Stage, TooManyFailures  # noqa: F401 - API
+from pipeline.rgbf import RGBFError
+from pipeline.runner import exit_with_parent
+from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, damaged_shard, decode_field,
+                            encode_values, library_versions, open_shard, os_reason, shard_name, stored_values)
+from pipeline.verify import Damage
 from pipeline.tvl1_params import TVL1Params
 
 # Flow is stored as int16 hundredths of a pixel with gzip: |error| <= 0.005 px per component (<= 0.0071 px in
@@ -53,15 +60,9 @@ FLOW_FIELD = FieldSpec("flow", channels=2, dtype="int16", scale=100.0, compressi
                        description="(u, v) displacement in pixels at the stored resolution, frame t -> t+1")
 RGB_FIELD = FieldSpec("rgb", channels=3, dtype="uint8", compression="lzf",
                       description="decoded RGB frames, lossless (build-rgbf multiplies them by the flow magnitude)")
-# The default --max-failures: a run in which most videos fail points at a wrong setting, not at a few bad files.
-DEFAULT_MAX_FAILURES = 0.5
 # Videos decoded at once by each shard's worker, ahead of the flow: ffmpeg decodes ~600-1800 frames/s per process
 # here, a GPU solves more pairs than one process decodes.
 DECODE_THREADS = 2
-
-
-class TooManyFailures(Asym3dError):
-    """More videos failed than ``max_failures`` allows; the run stopped (finished shards are kept)."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,13 @@ class ExtractConfig:
     videos_per_shard: int = 50
     flow_field: FieldSpec = FLOW_FIELD
     rgb_field: FieldSpec = RGB_FIELD
+    # --train-dir: processes that compute the training images and JPEG while this one decodes ahead and runs the
+    # flow backend (0: in this process). One device owner, its CPU pools: see process_chained.
+    encode_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.encode_workers < 0:
+            raise ConfigError(f"--encode-workers must be 0 or more, got {self.encode_workers}")
         if min(self.decode.height, self.decode.width) < MIN_FRAME_SIDE:
             raise ConfigError(f"--size {self.decode.height}x{self.decode.width}: optical flow needs frames of at "
                               f"least {MIN_FRAME_SIDE} pixels a side")
@@ -96,7 +102,8 @@ class ExtractConfig:
         """What is asked (never compared on resume): library versions, backend options and limits. Each shard adds
         what really ran there (:func:`pipeline.flow.backend_record`), resolved by the worker that wrote it."""
         return {"libraries": library_versions(), "backend": self.backend, "device": self.device,
-                "batch_size": self.batch_size, "solver": self.solver, "timeout_s": self.decode.timeout_s}
+                "batch_size": self.batch_size, "solver": self.solver, "timeout_s": self.decode.timeout_s,
+                "encode_workers": self.encode_workers}
 
     def make_backend(self):
         """This worker's backend: ``auto`` and the device are resolved where the work runs, not where it was planned."""
@@ -115,16 +122,6 @@ class ShardTask:
     retry_failed: bool = False
 
 
-@dataclass(frozen=True)
-class ShardResult:
-    index: int
-    videos_ok: int
-    failures: tuple[dict[str, str], ...]
-    frames: int  # frames decoded in this run (0 when the shard was already complete)
-    skipped: bool
-    ran: str = ""  # the backend that computed it, as resolved by its worker (empty when skipped)
-
-
 def process_shard(task: ShardTask) -> ShardResult:
     """Decode and compute flow for one shard's videos, unless the shard is already complete.
 
@@ -132,65 +129,80 @@ def process_shard(task: ShardTask) -> ShardResult:
     byte and only the failed ones are tried again.
     """
     path = task.out_dir / shard_name(task.index)
-    keep: dict[str, str] = {}  # video id -> key of a finished video in the existing shard
     if path.exists():
         with _reading(path) as f:
-            failed = f.attrs.get("failures", "[]") != "[]"
-            if not (task.retry_failed and failed):
+            if not (task.retry_failed and f.attrs.get("failures", "[]") != "[]"):
                 return _existing_result(task.index, f)
-            keep = {str(g.attrs["video_id"]): k for k, g in f["videos"].items()}
     backend = task.cfg.make_backend()
     recorded = {**task.recorded, **backend_record(backend)}
     ok = frames_done = 0
-    source = open_shard(path) if keep else None
-    try:
-        with ShardWriter(path, task.schema, task.index, recorded) as writer:
-            todo = []
-            for record in task.records:
-                if record.video_id in keep:
-                    writer.copy_video(source, keep[record.video_id])
-                    ok += 1
-                else:
-                    todo.append(record)
-
-            def decoded() -> Iterator[tuple[tuple[VideoRecord, np.ndarray], np.ndarray]]:
-                """Decoded videos for the backend (decoding runs ahead); a video that fails to decode fails here."""
-                for record, frames in decode_ahead(todo, task.cfg.decode):
-                    if isinstance(frames, Exception):
-                        writer.add_failure(record.video_id, str(record.path), _reason(record, frames))
-                    else:
-                        yield (record, frames), frames
-
-            for (record, frames), flow in backend.compute_videos(decoded()):
-                if isinstance(flow, Exception):
-                    writer.add_failure(record.video_id, str(record.path), _reason(record, flow))
-                    continue
-                writer.add_video(VideoMeta(record.video_id, record.label, record.label_name, str(record.path),
-                                           dict(record.splits)), {"rgb": frames, "flow": flow})
-                ok += 1
-                frames_done += len(frames)
-    finally:
-        if source is not None:
-            source.close()
+    with ShardWriter(path, task.schema, task.index, recorded) as writer:
+        todo = _copy_finished(path if path.exists() else None, task.records, writer)
+        ok = len(task.records) - len(todo)
+        for record, frames, flow in _computed(todo, task.cfg, backend, writer):
+            writer.add_video(_meta(record), {"rgb": frames, "flow": flow})
+            ok += 1
+            frames_done += len(frames)
     return ShardResult(task.index, ok, writer.failures, frames_done, skipped=False, ran=_ran(backend))
+
+
+def _copy_finished(earlier: Path | None, records: tuple[VideoRecord, ...], writer: ShardWriter
+                   ) -> list[VideoRecord]:
+    """Copy the videos ``earlier`` (a complete shard being retried, or None) finished into ``writer`` byte for
+    byte, in plan order; returns the records still to compute."""
+    if earlier is None:
+        return list(records)
+    with _reading(earlier) as source:
+        keep = {str(g.attrs["video_id"]): k for k, g in source["videos"].items()}
+        for record in records:
+            if record.video_id in keep:
+                writer.copy_video(source, keep[record.video_id])
+    return [record for record in records if record.video_id not in keep]
+
+
+def _computed(records: list[VideoRecord], cfg: ExtractConfig, backend, writer: ShardWriter
+              ) -> Iterator[tuple[VideoRecord, np.ndarray, np.ndarray]]:
+    """``(record, frames, flow)`` for each video that decodes and whose flow computes, in order; each one that
+    fails is recorded in ``writer`` with its reason. Decoding runs ahead of the backend (:func:`decode_ahead`)."""
+    def decoded() -> Iterator[tuple[tuple[VideoRecord, np.ndarray], np.ndarray]]:
+        for record, frames in decode_ahead(records, cfg.decode):
+            if isinstance(frames, Exception):
+                writer.add_failure(record.video_id, str(record.path), _reason(record, frames))
+            else:
+                yield (record, frames), frames
+
+    for (record, frames), flow in backend.compute_videos(decoded()):
+        if isinstance(flow, Exception):
+            writer.add_failure(record.video_id, str(record.path), _reason(record, flow))
+        else:
+            yield record, frames, flow
+
+
+def _meta(record: VideoRecord) -> VideoMeta:
+    return VideoMeta(record.video_id, record.label, record.label_name, str(record.path), dict(record.splits))
 
 
 @dataclass(frozen=True)
 class ChainedTask:
-    """One shard of ``extract-flow --train-dir``: its flow shard, then the training shard made from it."""
+    """One shard of ``extract-flow --train-dir``: its training shard, made in memory from the decoded frames (and
+    its flow shard too with ``keep_flow``)."""
 
     flow: ShardTask
     train: FollowOn
+    train_schema: Schema  # declared once for the run
 
 
 def process_chained(task: ChainedTask) -> ShardResult:
-    """Flow shard, then its training shard (what build-rgbf would write), then, unless ``keep_flow``, the flow shard
-    deleted: the disk holds the training shards and only the flow shards in flight.
+    """The training shard build-rgbf would write from this shard's flow shard, byte for byte, made in memory: the
+    flow is rounded to its stored precision (:data:`FLOW_FIELD`) and the training frames computed from it and the
+    decoded frames, so no flow shard is written, read back and deleted (``keep_flow`` writes it too, closed just
+    before the training shard).
 
-    Each step leaves a complete file or none, in this order, so a kill at any point loses at most this shard's work:
-    a rerun finds the flow shard (and builds from it), the training shard (and deletes the flow shard left behind) or
-    neither (and starts over). Under ``retry_failed`` a training shard that recorded failures is redone; its flow
-    shard, if it was deleted, is recomputed whole (the good videos' flow is not kept anywhere else).
+    A shard is one file per directory, complete or absent, so a kill loses at most the shards in flight. A flow shard
+    found on disk (``keep_flow``, or a run of an earlier version killed between its two steps) is built from as
+    build-rgbf does, then deleted unless kept. Under ``retry_failed`` a training shard that recorded failures is
+    rewritten: its good videos copied byte for byte (or, with ``keep_flow``, from the flow shard) and only the failed
+    ones computed again.
     """
     flow_path = task.flow.out_dir / shard_name(task.flow.index)
     train_path = Path(task.train.out_dir) / flow_path.name
@@ -199,11 +211,91 @@ def process_chained(task: ChainedTask) -> ShardResult:
         if not (task.flow.retry_failed and done.failures):
             _drop_flow(flow_path, task.train)
             return done
-    flow = process_shard(task.flow)
-    built = build_shard(shard_task(flow_path, task.train.out_dir, task.flow.index, task.flow.schema, task.train.cfg))
-    result = _shard_result(train_path, task.flow.index)
-    _drop_flow(flow_path, task.train)
-    return dataclasses.replace(result, frames=flow.frames, skipped=flow.skipped and built.skipped, ran=flow.ran)
+    if flow_path.exists():
+        flow = process_shard(task.flow)
+        built = build_shard(shard_task(flow_path, task.train.out_dir, task.flow.index, task.flow.schema,
+                                       task.train.cfg))
+        result = _shard_result(train_path, task.flow.index)
+        _drop_flow(flow_path, task.train)
+        return dataclasses.replace(result, frames=flow.frames, skipped=flow.skipped and built.skipped, ran=flow.ran)
+    return _chained_in_memory(task, train_path if train_path.exists() and not task.train.keep_flow else None)
+
+
+def _chained_in_memory(task: ChainedTask, earlier: Path | None) -> ShardResult:
+    """Decode, compute flow, write the training shard (and with ``keep_flow`` the flow shard); ``earlier``: a
+    complete training shard being retried, whose finished videos are copied."""
+    flow_task, cfg = task.flow, task.flow.cfg
+    backend = cfg.make_backend()
+    names = tuple(task.train_schema.field_names)
+    ok = frames_done = 0
+    build_failures: list[tuple[VideoRecord, str]] = []  # recorded after the flow's, as build-rgbf records them
+    with contextlib.ExitStack() as writers:  # closed in reverse: the flow shard first, then the training shard
+        train = writers.enter_context(ShardWriter(Path(task.train.out_dir) / shard_name(flow_task.index),
+                                                  task.train_schema, flow_task.index,
+                                                  {"libraries": library_versions()}))
+        flow_out = None
+        if task.train.keep_flow:
+            flow_out = writers.enter_context(ShardWriter(
+                flow_task.out_dir / shard_name(flow_task.index), flow_task.schema, flow_task.index,
+                {**flow_task.recorded, **backend_record(backend)}))
+        todo = _copy_finished(earlier, flow_task.records, train)
+        ok = len(flow_task.records) - len(todo)
+        pool = _encode_pool(cfg.encode_workers) if cfg.encode_workers else None
+        window: collections.deque = collections.deque()  # (record, training frames or their future), in order
+
+        def write_oldest() -> None:
+            nonlocal ok
+            record, training = window.popleft()
+            try:
+                training = training.result() if pool is not None else training
+            except RGBFError as exc:
+                build_failures.append((record, f"build-rgbf: {exc}"))
+                return
+            train.add_video(_meta(record), {name: training[name] for name in names})
+            ok += 1
+
+        for record, frames, flow in _computed(todo, cfg, backend, flow_out or train):
+            if flow_out is not None:
+                flow_out.add_video(_meta(record), {"rgb": frames, "flow": flow})
+            frames_done += len(frames)
+            if pool is not None:  # int16 as stored: half the bytes to send, the same numbers read back
+                window.append((record, pool.submit(_training_video, frames, encode_values(cfg.flow_field, flow),
+                                                   cfg.flow_field, task.train_schema, task.train.cfg.flow_bound)))
+            else:
+                try:
+                    window.append((record, _training_video(frames, flow, cfg.flow_field, task.train_schema,
+                                                           task.train.cfg.flow_bound)))
+                except RGBFError as exc:
+                    build_failures.append((record, f"build-rgbf: {exc}"))
+            while len(window) > (2 * cfg.encode_workers if pool is not None else 0):
+                write_oldest()
+        while window:
+            write_oldest()
+        if flow_out is not None:
+            for failure in flow_out.failures:
+                train.add_failure(failure["video_id"], failure["path"], failure["reason"])
+        for record, reason in build_failures:
+            train.add_failure(record.video_id, str(record.path), reason)
+    return ShardResult(flow_task.index, ok, train.failures, frames_done, skipped=False, ran=_ran(backend))
+
+
+def _training_video(frames: np.ndarray, flow: np.ndarray, field: FieldSpec, schema: Schema, flow_bound: float
+                    ) -> dict:
+    """One video's training frames from its decoded frames and its flow: float flow is rounded to ``field``'s stored
+    precision step by step; integer flow is as ``field`` stores it. Module-level: the encode pool runs it."""
+    if np.issubdtype(flow.dtype, np.floating):
+        flow_of = (lambda a, b: stored_values(field, flow[a:b]))
+    else:
+        flow_of = (lambda a, b: decode_field(field, flow[a:b]))
+    return video_training_frames(len(frames), lambda a, b: frames[a:b], flow_of, schema, flow_bound)
+
+
+@functools.lru_cache(maxsize=1)
+def _encode_pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool for the training images and JPEG (``ExtractConfig.encode_workers``), started once and
+    kept for every shard; its processes exit with this one (:func:`pipeline.runner.exit_with_parent`)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
 
 
 def _shard_result(path: Path, index: int) -> ShardResult:
@@ -219,7 +311,7 @@ def _reading(path: Path) -> Iterator[h5py.File]:
         try:
             yield f
         except (OSError, KeyError, ValueError) as exc:
-            raise DamagedError(f"{path}: damaged shard ({exc}); rerun with --repair") from None
+            raise damaged_shard(path, exc) from None
 
 
 def _drop_flow(flow_path: Path, train: FollowOn) -> None:
@@ -271,16 +363,6 @@ def _reason(record: VideoRecord, err: Exception) -> str:
     return f"{record.path}: {type(err).__name__}: {text[:240]}"
 
 
-def failure_limit(max_failures: int | float, videos: int) -> int:
-    """The number of failed videos a run may have: an int is a count, a float a fraction (0 to 1) of ``videos``
-    (1.0 never stops a run)."""
-    if isinstance(max_failures, int) and max_failures >= 0:
-        return max_failures
-    if isinstance(max_failures, float) and 0 <= max_failures <= 1:  # NaN fails both comparisons
-        return math.floor(max_failures * videos)
-    raise ConfigError(f"--max-failures must be a count or a fraction from 0 to 1, got {max_failures}")
-
-
 def _existing_result(index: int, f: h5py.File) -> ShardResult:
     return ShardResult(index, len(f["videos"]), tuple(json.loads(f.attrs.get("failures", "[]"))), 0, skipped=True)
 
@@ -320,48 +402,32 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     with :class:`TooManyFailures`. ``train``: build each shard's training shard as soon as its flow shard is
     complete (:func:`process_chained`), holding that directory's lock too; failures count the build's as well.
     """
+    if cfg.encode_workers and (jobs != 1 or scheduler):
+        # The pool is started by the backend's process; joblib's and dask's worker processes cannot start one.
+        raise ConfigError("--encode-workers runs with --jobs 1 (one process holding the flow backend), not with "
+                          "--jobs N or --scheduler")
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
     schema, recorded = cfg.schema(), cfg.recorded()
     if scheduler is None:
         cfg.make_backend()  # the workers are this machine: refuse a backend it cannot run before writing anything
-    limit = failure_limit(max_failures, len(index.records))
     plan = plan_shards(index.records, cfg.videos_per_shard)
     dataset = {"kind": index.kind, "classes": list(index.classes), "extra": index.extra}
-    ids = [[r.video_id for r in shard] for shard in plan]
+    outputs = []
     if train is not None:
         if Path(train.out_dir).resolve() == Path(out_dir).resolve():
             raise StoreError(f"{train.out_dir}: the training-shard directory must differ from the flow directory")
         # so that `inspect FLOW_DIR` can say where its shards went
         recorded = {**recorded, "train_dir": str(Path(train.out_dir).resolve()), "keep_flow": train.keep_flow}
-    with DirectoryLock(out_dir), (DirectoryLock(train.out_dir) if train else contextlib.nullcontext()):
-        warnings = prepare_output(out_dir, schema, dataset, ids, overwrite=overwrite, recorded=recorded)
-        repaired = tuple(set_aside_damaged(out_dir)) if repair else ()
-        if train is not None:
-            repaired += tuple(prepare_train_output(train.out_dir, train_schema(schema, train.cfg), dataset, ids,
-                                                   overwrite=overwrite, repair=repair))
+        outputs = [train_output(train.out_dir, schema, train.cfg)]
+    with Stage([Output(out_dir, schema, recorded), *outputs], dataset, [[r.video_id for r in s] for s in plan],
+               videos=len(index.records), max_failures=max_failures, overwrite=overwrite, repair=repair) as stage:
         tasks = [ShardTask(i, out_dir, shard, cfg, schema, recorded, retry_failed) for i, shard in enumerate(plan)]
         work = process_shard if train is None else process_chained
-        tasks = tasks if train is None else [ChainedTask(task, train) for task in tasks]
-        failures: list[dict[str, str]] = []
-
-        def stop_on_too_many(result: ShardResult) -> None:
-            failures.extend(result.failures)
-            if len(failures) > limit:
-                raise TooManyFailures(f"{out_dir}: stopped after {len(failures)} of {len(index.records)} videos "
-                                      f"failed (--max-failures {max_failures:g} allows {limit}); first: "
-                                      f"{failures[0]['reason']}")
-
-        try:
-            results = run_tasks(work, tasks, jobs=jobs, scheduler=scheduler, desc="extract-flow",
-                                frames_of=lambda r: r.frames, progress=progress, on_result=stop_on_too_many)
-        finally:
-            write_manifest(out_dir)
-            if train is not None:
-                write_manifest(Path(train.out_dir))
+        tasks = tasks if train is None else [ChainedTask(task, train, outputs[0].schema) for task in tasks]
+        results = stage.run(work, tasks, desc="extract-flow", jobs=jobs, scheduler=scheduler, progress=progress)
     ran = ", ".join(sorted({r.ran for r in results if r.ran})) or f"{cfg.backend} (nothing left to compute)"
     return ExtractSummary(out_dir, ran, len(tasks), sum(r.skipped for r in results),
                           sum(r.videos_ok for r in results),
                           tuple(f for r in sorted(results, key=lambda r: r.index) for f in r.failures),
-                          sum(r.frames for r in results), tuple(warnings), repaired, train)
-
+                          sum(r.frames for r in results), tuple(stage.warnings), tuple(stage.repaired), train)

@@ -57,9 +57,14 @@ def magnitude(flow: np.ndarray) -> np.ndarray:
 def flow_to_image(flow: np.ndarray, bound: float = DEFAULT_FLOW_BOUND) -> np.ndarray:
     """Flow ``(N, H, W, 2)`` in pixels -> flow image ``(N, H, W, 3)`` uint8 (u, v, |F|); see the module docstring."""
     flow = np.asarray(flow, dtype=np.float32)
+    return _flow_image(flow, magnitude(flow), bound)
+
+
+def _flow_image(flow: np.ndarray, mag: np.ndarray, bound: float) -> np.ndarray:
+    """:func:`flow_to_image` given float32 flow and its magnitude (computed once for both training images)."""
     image = np.empty(flow.shape[:-1] + (3,), np.uint8)
     image[..., :2] = np.clip(np.rint(127.5 + flow * np.float32(127.5 / bound)), 0, 255)
-    image[..., 2] = np.clip(np.rint(magnitude(flow) * np.float32(255.0 / bound)), 0, 255)
+    image[..., 2] = np.clip(np.rint(mag * np.float32(255.0 / bound)), 0, 255)
     return image
 
 
@@ -71,15 +76,24 @@ def image_to_flow(image: np.ndarray, bound: float = DEFAULT_FLOW_BOUND) -> np.nd
 
 def rgbf(rgb: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Eq. 7: RGB ``(N, H, W, 3)`` uint8 weighted by the per-frame normalised magnitude of flow ``(N, H, W, 2)``."""
+    _check_pair(rgb, flow)
+    return _rgbf(rgb, magnitude(flow))
+
+
+def _check_pair(rgb: np.ndarray, flow: np.ndarray) -> None:
     if rgb.shape[:-1] != flow.shape[:-1]:
         raise RGBFError(f"RGB frames {rgb.shape[:-1]} and flow {flow.shape[:-1]} differ in count or size")
-    mag = magnitude(flow)
+
+
+def _rgbf(rgb: np.ndarray, mag: np.ndarray) -> np.ndarray:
+    """:func:`rgbf` given the flow's magnitude."""
     lo = mag.min(axis=(1, 2), keepdims=True)
     span = mag.max(axis=(1, 2), keepdims=True) - lo
     moving = span >= MIN_MAGNITUDE_RANGE
     # Divide only where the range is real; constant-magnitude frames get weight 0 (black) without a 0/0.
     weight = (mag - lo) / np.where(moving, span, np.float32(1)) * moving
-    return np.rint(rgb.astype(np.float32) * weight[..., None]).astype(np.uint8)
+    # uint8 times float32 in one pass (the cast is exact): the same numbers as rgb.astype(float32) * weight
+    return np.rint(np.multiply(rgb, weight[..., None], dtype=np.float32)).astype(np.uint8)
 
 
 def paired_flow_index(n_frames: int) -> np.ndarray:
@@ -99,25 +113,21 @@ def training_frames(rgb: np.ndarray, flow: np.ndarray, modalities: tuple[str, ..
     """
     if not np.isfinite(flow).all():
         raise RGBFError("flow holds NaN or infinite values")
-    makers = {"rgb": lambda: rgb, "flow": lambda: flow_to_image(flow, bound), "rgbf": lambda: rgbf(rgb, flow)}
+    if "rgbf" in modalities:
+        _check_pair(rgb, flow)
+    flow = np.asarray(flow, dtype=np.float32)
+    mag = magnitude(flow) if {"flow", "rgbf"} & set(modalities) else None  # once for both images
+    makers = {"rgb": lambda: rgb, "flow": lambda: _flow_image(flow, mag, bound), "rgbf": lambda: _rgbf(rgb, mag)}
     return {name: makers[name]() for name in modalities}
 
 
 def figure_rows(shards: "ShardSet", video_id: str, n: int = 8) -> list[tuple[str, np.ndarray]]:
-    """Rows of a Figure-5-like strip for one video: ``[(title, frames (n, H, W, 3) uint8), ...]``.
-
-    Frames are ``n`` evenly spaced frames of the video. Works on training shards (``kind == "train"``: the stored
-    "rgb", "flow" and "rgbf" fields that exist, in that order) and on flow shards (``kind == "flow"``: the flow
-    image and RGBF are computed here with the default bound and the pairing of the training shards).
+    """Rows of a Figure-5-like strip for one video of training shards: ``[(title, frames (n, H, W, 3) uint8), ...]``,
+    ``n`` evenly spaced frames of each stored "rgb", "flow" and "rgbf" field, in that order. (Flow shards are drawn
+    by :func:`pipeline.inspect.strip_rows` as RGB and colour-coded flow.)
     """
     video = shards.video(video_id)
     index = np.unique(np.rint(np.linspace(0, video.n_frames - 1, n)).astype(np.int64))
     titles = {"rgb": "RGB", "flow": "flow image (u, v, |F|)", "rgbf": "RGBF (eq. 7)"}
-    if shards.schema.kind == "flow":
-        rgb = shards.read(video, "rgb", index=index)
-        flow = shards.read(video, "flow", index=paired_flow_index(video.n_frames)[index])
-        frames = training_frames(rgb, flow)
-    else:
-        frames = {name: shards.read(video, name, index=index)
-                  for name in MODALITIES if name in shards.schema.field_names}
-    return [(titles[name], images) for name, images in frames.items()]
+    return [(titles[name], shards.read(video, name, index=index))
+            for name in MODALITIES if name in shards.schema.field_names]

@@ -74,6 +74,13 @@ def write_error(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"{path}: cannot write ({os_reason(exc)})")
 
 
+def damaged_shard(path: Path | str, exc: BaseException) -> DamagedError:
+    """The one message for a shard that cannot be opened or parsed: what failed, and how to find and redo it."""
+    path = Path(path)
+    return DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect {path.parent} --verify, and "
+                        "--repair on the stage that wrote it")
+
+
 def _discard(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
@@ -165,14 +172,6 @@ class FieldSpec:
         if self.encoding == "jpeg" and (self.dtype != "uint8" or self.channels != 3):
             raise ValueError(f"field {self.name!r}: JPEG stores 3-channel uint8 images only")
 
-    def max_error(self) -> float:
-        """Largest absolute difference between a value written and the value read back (raw numeric fields)."""
-        if self.encoding == "jpeg":
-            return float("nan")  # lossy; measured, not bounded
-        if np.issubdtype(np.dtype(self.dtype), np.integer):
-            return 0.5 / self.scale if self.scale != 1.0 else 0.0
-        return float(np.finfo(np.dtype(self.dtype)).eps)  # relative for floats
-
 
 @dataclass(frozen=True)
 class Schema:
@@ -239,14 +238,13 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
     except OSError as exc:
         raise write_error(root, exc) from None
     meta_path = root / SCHEMA_FILE
-    new = json.loads(json.dumps({"schema": schema.to_dict(), "dataset": dataset, "plan": plan,
-                                 "recorded": recorded or {}}))
+    new = as_json({"schema": schema.to_dict(), "dataset": dataset, "plan": plan, "recorded": recorded or {}})
     identity = {key: new[key] for key in ("schema", "dataset", "plan")}
     old = read_json(meta_path) if meta_path.exists() else None
     if old is not None and not isinstance(old, dict):
         raise DamagedError(f"{meta_path}: unreadable (not a JSON object)")
     if old is not None:
-        diff = _differences({key: old.get(key) for key in identity}, identity)
+        diff = configuration_differences({key: old.get(key) for key in identity}, identity)
     else:
         diff = _orphan_shard_differences(root, new["schema"])
     if not diff:
@@ -263,8 +261,7 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
             write_text_atomic(meta_path, json.dumps(new, indent=1))
         return warnings
     if not overwrite:
-        raise StoreError(f"{root}: holds output of a different configuration ({'; '.join(diff[:5])}); "
-                         "use another output directory or --overwrite")
+        raise other_configuration(root, diff, "use another output directory or --overwrite")
     for path in root.glob(SHARD_GLOB):
         path.unlink()
     (root / MANIFEST_FILE).unlink(missing_ok=True)
@@ -281,10 +278,33 @@ def _orphan_shard_differences(root: Path, schema: dict[str, Any]) -> list[str]:
                 stored = json.loads(f.attrs["asym3d_schema"])
         except (OSError, KeyError, ValueError) as exc:
             return [f"{path.name} unreadable ({os_reason(exc)})"]
-        diff = [f"{path.name}: {d}" for d in _differences({"schema": stored}, {"schema": schema})]
+        diff = [f"{path.name}: {d}" for d in configuration_differences({"schema": stored}, {"schema": schema})]
         if diff:
             return diff
     return diff
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples become lists, int keys strings), so what a run declares
+    compares equal to what an earlier run stored."""
+    return json.loads(json.dumps(value))
+
+
+def configuration_differences(stored: Any, declared: Any) -> list[str]:
+    """Where an output's stored identity differs from the one this run declares, one readable entry each (empty
+    when they are the same). ``declared`` is normalised with :func:`as_json`; ``stored`` is read from JSON.
+
+    The one check behind every "this output was made with another configuration" refusal (stage directories,
+    shards, verification, reports, demo data): see :func:`other_configuration` for the message."""
+    return _differences(stored, as_json(declared))
+
+
+def other_configuration(where: Path | str, differences: list[str], remedy: str,
+                        error: type[Asym3dError] | None = None) -> Asym3dError:
+    """The one-line refusal of an output made with another configuration: where, the first differences, what to do
+    (``error`` is the caller's error class, :class:`StoreError` by default)."""
+    return (error or StoreError)(f"{where}: holds output of a different configuration "
+                                 f"({'; '.join(differences[:5])}); {remedy}")
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -402,8 +422,9 @@ class ShardWriter:
         source.copy(source["videos"][key], self._videos, name=f"{len(self._videos):04d}")
         self._file.flush()
 
-    def add_video(self, meta: VideoMeta, arrays: dict[str, np.ndarray]) -> None:
-        """Store one video. ``arrays`` maps each schema field to its decoded values ((T, H, W, C))."""
+    def add_video(self, meta: VideoMeta, arrays: dict[str, np.ndarray | JpegFrames]) -> None:
+        """Store one video. ``arrays`` maps each schema field to its decoded values ((T, H, W, C)), or a JPEG
+        field to its frames already encoded."""
         missing = set(self.schema.field_names) - set(arrays)
         if missing:
             raise ValueError(f"{meta.video_id}: no data for fields {sorted(missing)}")
@@ -422,31 +443,68 @@ class ShardWriter:
         self._file.flush()
 
 
-def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray) -> None:
-    expected = (spec.channels,)
-    if values.ndim != 4 or values.shape[-1:] != expected:
-        raise ValueError(f"field {spec.name!r}: expected (T, H, W, {spec.channels}), got {values.shape}")
-    if spec.encoding == "jpeg":
-        import simplejpeg
+class JpegFrames(list):
+    """A JPEG field's frames already encoded (:func:`encode_jpeg`), in order: a stage that computes a video in steps
+    encodes each step as it goes instead of holding the whole video's images."""
 
-        encoded = [np.frombuffer(simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
-                                                        colorspace="RGB", colorsubsampling=spec.subsampling),
-                                 np.uint8) for frame in values]
-        data = group.create_dataset(spec.name, (len(values),), dtype=h5py.vlen_dtype(np.uint8))
+
+def encode_jpeg(spec: FieldSpec, frames: np.ndarray) -> JpegFrames:
+    """``(N, H, W, 3)`` uint8 frames as a JPEG field stores them."""
+    import simplejpeg
+
+    return JpegFrames(np.frombuffer(simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
+                                                           colorspace="RGB", colorsubsampling=spec.subsampling),
+                                    np.uint8) for frame in frames)
+
+
+def _write_field(group: h5py.Group, spec: FieldSpec, values: np.ndarray | JpegFrames) -> None:
+    if spec.encoding == "jpeg" and isinstance(values, JpegFrames):
+        encoded = values
+    else:
+        if values.ndim != 4 or values.shape[-1:] != (spec.channels,):
+            raise ValueError(f"field {spec.name!r}: expected (T, H, W, {spec.channels}), got {values.shape}")
+        encoded = encode_jpeg(spec, values) if spec.encoding == "jpeg" else None
+    if encoded is not None:
+        frames = np.empty(len(encoded), dtype=object)  # one write for the whole field, not one per frame
         for i, frame in enumerate(encoded):
-            data[i] = frame
+            frames[i] = frame
+        group.create_dataset(spec.name, data=frames, dtype=h5py.vlen_dtype(np.uint8))
         group.create_dataset(spec.name + CRC_SUFFIX, data=np.array([frame_crc(f) for f in encoded], np.uint32),
                              chunks=(max(len(encoded), 1),), fletcher32=True)
         return
-    dtype = np.dtype(spec.dtype)
-    if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
-        info = np.iinfo(dtype)
-        stored = np.clip(np.rint(values * spec.scale), info.min, info.max).astype(dtype)
-    else:
-        stored = values.astype(dtype, copy=False)
+    stored = encode_values(spec, values)
     chunks = (1,) + stored.shape[1:] if len(stored) else None
     group.create_dataset(spec.name, data=stored, chunks=chunks, compression=spec.compression,
                          fletcher32=bool(len(stored)))
+
+
+def encode_values(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
+    """A raw field's values as stored: ``rint(value * scale)`` clipped to an integer dtype, else the dtype."""
+    dtype = np.dtype(spec.dtype)
+    if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values * spec.scale), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+def stored_values(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
+    """``values`` at the precision a raw field stores them, as a reader gets them back: what a later stage reading
+    the stored field sees, computed without writing it.
+
+    Finite float32 values of an int8/int16 field take a shortcut with the same result in a third of the time: every
+    integer of those dtypes is exact in float32, so ``rint(v * scale)`` clipped to the dtype's range and divided by
+    ``scale`` skips the round trip through the integer array. Anything else (NaN, whose integer cast is undefined)
+    takes the round trip."""
+    dtype = np.dtype(spec.dtype)
+    if (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2 and spec.scale != 1.0
+            and values.dtype == np.float32 and np.isfinite(values).all()):
+        info = np.iinfo(dtype)
+        out = values * np.float32(spec.scale)
+        np.rint(out, out=out)
+        np.clip(out, info.min, info.max, out=out)
+        out /= np.float32(spec.scale)
+        return out
+    return decode_field(spec, encode_values(spec, values))
 
 
 def frame_crc(encoded: np.ndarray) -> int:
@@ -524,8 +582,7 @@ class ShardSet:
                 failures = json.loads(f.attrs.get("failures", "[]"))
                 return video_entries(f, path.name), failures, recorded
         except (OSError, KeyError, TypeError, ValueError) as exc:
-            raise DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect {self.root} "
-                               "--verify, and --repair on the stage that wrote it") from None
+            raise damaged_shard(path, exc) from None
 
     def _check_shard_schema(self, path: Path, f: h5py.File) -> None:
         raw = f.attrs.get("asym3d_schema")
@@ -535,8 +592,9 @@ class ShardSet:
         if stored.get("version") not in READABLE_VERSIONS:
             raise StoreError(f"{path}: format version {stored.get('version')}, "
                              f"this asym3d reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-        if stored != json.loads(json.dumps(self.schema.to_dict())):
-            raise StoreError(f"{path}: schema differs from {self.root / SCHEMA_FILE} (shard of another run)")
+        diff = configuration_differences(stored, self.schema.to_dict())
+        if diff:
+            raise other_configuration(path, diff, f"a shard of another run than {self.root / SCHEMA_FILE} declares")
 
     @property
     def classes(self) -> list[str]:
@@ -608,8 +666,7 @@ def open_shard(path: Path | str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise DamagedError(f"{path}: damaged shard ({os_reason(exc)}); see asym3d inspect --verify, and --repair "
-                           "on the stage that wrote it") from None
+        raise damaged_shard(path, exc) from None
 
 
 def read_checked(group: h5py.Group, spec: FieldSpec, start: int = 0, stop: int | None = None,

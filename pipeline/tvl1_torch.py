@@ -36,8 +36,10 @@ Differences from OpenCV, and why:
 - Stopping rule: OpenCV stops one pair's iterations when *its* summed squared update is <= ``epsilon**2 * H * W``.
   Here the same test is made per sample after every inner iteration; a sample that meets it leaves the working
   batch (its flow and dual variables are frozen) while the others go on, so each pair gets exactly OpenCV's number
-  of iterations. The test reads a (B,) boolean back to the host once per inner iteration: on CUDA that is one
-  synchronisation per iteration, the price of exact per-pair stopping (cheap next to a batch's kernels).
+  of iterations. How often the host looks depends on the solver (:data:`SOLVERS`): the eager solver reads a (B,)
+  boolean back once per inner iteration (on CUDA one synchronisation per iteration, the price of shrinking the
+  batch); the fused and compiled solvers keep the flags on the device, freeze stopped pairs with a mask, and read
+  them every ``check_every`` iterations (10 on a GPU), so each pair still stops at exactly its own iteration.
 - Thresholding step: OpenCV's three cases are computed as ``clamp(-rho / |grad I1|^2, -lambda*theta,
   lambda*theta)`` (0/0 -> 0). This is the same function except where ``0 < |grad I1|^2 <= FLT_EPSILON`` and
   ``|rho| <= lambda * theta * |grad I1|^2``: OpenCV moves by 0 there and this code by at most ``|rho| /

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.store import (SHARD_GLOB, DamagedError, Schema, StoreError, load_dataset_meta, os_reason,
-                            read_checked, write_error)
+from pipeline.store import (SHARD_GLOB, DamagedError, Schema, StoreError, configuration_differences,
+                            load_dataset_meta, os_reason, read_checked, write_error)
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -37,9 +37,9 @@ def verify_shard(path: Path, schema: Schema) -> list[Damage]:
     """Every damaged video of one shard (or one whole-shard entry); empty when every stored array is intact."""
     try:
         with h5py.File(path, "r") as f:
-            stored = json.loads(f.attrs["asym3d_schema"])
-            if stored != json.loads(json.dumps(schema.to_dict())):
-                return [Damage(path, "", "its schema differs from dataset.json")]
+            diff = configuration_differences(json.loads(f.attrs["asym3d_schema"]), schema.to_dict())
+            if diff:
+                return [Damage(path, "", f"its schema differs from dataset.json ({'; '.join(diff[:3])})")]
             json.loads(f.attrs.get("failures", "[]"))
             keys = list(f["videos"])
             damage = []

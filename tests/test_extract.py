@@ -61,7 +61,8 @@ def test_tvl1_shards_hold_exact_frames_true_motion_and_failures(tmp_path: Path) 
         assert flow.shape == (len(frames) - 1, H, W, 2)
         dx, dy = MOTION[vid.split("/")[0]]
         inner = flow[:, 8:-8, 8:-8]
-        assert abs(inner[..., 0].mean() - dx) < 0.25 and abs(inner[..., 1].mean() - dy) < 0.25
+        # measured error <= 0.0025 px (OpenCV 5.1); 0.01 keeps a 4x margin and fails a 1% scale error of 2 px
+        assert abs(inner[..., 0].mean() - dx) < 0.01 and abs(inner[..., 1].mean() - dy) < 0.01
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"]["videos_ok"] == len(truth)
     assert manifest["summary"]["videos_failed"] == len(bad)

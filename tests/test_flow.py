@@ -25,6 +25,12 @@ from pipeline.flow import (
 
 # Flow near the border is extrapolated (the texture enters/leaves the frame there); the motion is measured inside.
 MARGIN = 8
+# Mean error on these lossless whole-pixel motions, measured (OpenCV 5.1 contrib): TV-L1 <= 0.0021 px over eight
+# texture seeds and 0.002 px inside the moving square; DIS and Farneback <= 0.0014 px; the torch TV-L1 with the
+# cut-down parameters below 0.008 px. The bounds keep a margin of 4x (2.5x for torch): far inside the 0.05 px
+# contract against OpenCV, and a 1% scale error (0.02 px on a 2 px motion) fails them.
+TRANSLATION_ATOL = 0.01
+TORCH_FAST_ATOL = 0.02
 
 
 def interior_mean(flow: np.ndarray) -> np.ndarray:
@@ -42,14 +48,14 @@ def decoded(lossless_video) -> np.ndarray:
 def test_cpu_tvl1_recovers_known_translation(lossless_video, decoded: np.ndarray) -> None:
     flow = make_backend("cpu").compute(decoded)
     assert flow.shape == (len(decoded) - 1, *decoded.shape[1:3], 2) and flow.dtype == np.float32
-    np.testing.assert_allclose(interior_mean(flow), [lossless_video.dx, lossless_video.dy], atol=0.25)
+    np.testing.assert_allclose(interior_mean(flow), [lossless_video.dx, lossless_video.dy], atol=TRANSLATION_ATOL)
 
 
 @pytest.mark.parametrize("name", ["dis", "farneback"])
 def test_fast_backends_recover_known_translation(lossless_video, decoded: np.ndarray, name: str) -> None:
     flow = make_backend(name).compute(decoded)
     assert flow.shape == (len(decoded) - 1, *decoded.shape[1:3], 2) and flow.dtype == np.float32
-    np.testing.assert_allclose(interior_mean(flow), [lossless_video.dx, lossless_video.dy], atol=0.25)
+    np.testing.assert_allclose(interior_mean(flow), [lossless_video.dx, lossless_video.dy], atol=TRANSLATION_ATOL)
 
 
 def test_torch_backend_recovers_known_translation(lossless_video, decoded: np.ndarray) -> None:
@@ -57,14 +63,14 @@ def test_torch_backend_recovers_known_translation(lossless_video, decoded: np.nd
     params = TVL1Params(nscales=3, warps=2, innerIterations=20, outerIterations=2)
     flow = make_backend("torch", params, device="cpu", batch_size=2).compute(decoded[:3])
     assert flow.shape == (2, *decoded.shape[1:3], 2) and flow.dtype == np.float32
-    np.testing.assert_allclose(interior_mean(flow), [lossless_video.dx, lossless_video.dy], atol=0.25)
+    np.testing.assert_allclose(interior_mean(flow), [lossless_video.dx, lossless_video.dy], atol=TORCH_FAST_ATOL)
 
 
 def test_moving_square_flow_inside_square(moving_square_frames: np.ndarray) -> None:
     flow = make_backend("cpu").compute(moving_square_frames[:2])
     # The 16 px square starts at (2, 2) and moves (+2, +1): its centre region in frame 0 moves with it.
     # (The flat background has no data term, so TV-L1 fills it by smoothing: nothing to assert there.)
-    np.testing.assert_allclose(flow[0, 6:14, 6:14].mean(axis=(0, 1)), [2, 1], atol=0.25)
+    np.testing.assert_allclose(flow[0, 6:14, 6:14].mean(axis=(0, 1)), [2, 1], atol=TRANSLATION_ATOL)
 
 
 def test_cpu_backend_runs_opencv_with_the_given_params(decoded: np.ndarray) -> None:

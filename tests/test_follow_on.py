@@ -165,6 +165,11 @@ def test_disk_peak_bench_runs_at_a_tiny_size(capsys) -> None:
     assert "identical frame for frame: yes" in out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert float(rows["extract-flow --train-dir"][0].split()[0]) == 0  # no flow shard left behind
-    peak = {name: float(rows[name][2].split()[0]) for name in ("two stages", "extract-flow --train-dir")}
-    assert peak["extract-flow --train-dir"] < peak["two stages"]
+    mb = {name: [float(cell.split()[0]) for cell in rows[name][:3]]
+          for name in ("two stages", "extract-flow --train-dir")}
+    flow_left, train, two_peak = mb["two stages"]
+    assert two_peak >= flow_left + train - 0.01  # the two stages hold every flow shard and training shard at once
+    # --train-dir writes no flow shard: its peak is the training shards and the directories' JSON files, measured
+    # 0.28 MB for 0.27 MB (1.03x; the two stages 5.21x). One flow shard on disk (>= 0.54 MB here) would be 3x.
+    assert mb["extract-flow --train-dir"][2] <= 1.1 * mb["extract-flow --train-dir"][1]
     assert set(disk_peak.COMPACT) <= set(rows)

@@ -21,7 +21,7 @@ from model import feature_shape, get_spec
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate import evaluate_split
 from model.fusion import fuse_results
-from model.predict import TVL1_BACKENDS, load_run, predict_videos
+from model.predict import load_run, predict_videos
 
 CLIPS = Path(__file__).parent / "data" / "real_clips"
 TRAIN = {"Basketball": CLIPS / "ucf101" / "Basketball" / "v_Basketball_g01_c02.mp4",
@@ -122,11 +122,6 @@ def test_checkpoints_carry_the_schema_and_an_older_one_says_what_is_missing(made
     assert with_shards == invoke("predict", made["rgbf"], video, *PROTOCOL_ARGS)
 
 
-def test_cli_flow_backend_choices_are_the_librarys():
-    option = next(p for p in main.commands["predict"].params if p.name == "flow_backend")
-    assert tuple(option.type.choices) == TVL1_BACKENDS
-
-
 # ------------------------------------------------------------------------------------------------ asym3d features
 
 
@@ -176,13 +171,6 @@ def test_features_resume_skip_finished_videos_and_refuse_another_configuration(m
                                        "--layer", "fc7", "--device", "cpu"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "another configuration" in result.output
     assert out.read_bytes() == data and not (tmp_path / "f.h5.parts").exists()
-
-
-def test_cli_feature_layers_are_the_librarys():
-    from model.features import FEATURE_LAYERS
-
-    option = next(p for p in main.commands["features"].params if p.name == "layer")
-    assert tuple(option.type.choices) == tuple(FEATURE_LAYERS)
 
 
 # ------------------------------------------------------------------------------------------------ asym3d export

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from cli import main
 from pipeline.build_rgbf import BuildConfig, build_rgbf
-from pipeline.rgbf import RGBFError, figure_rows, flow_to_image, image_to_flow, rgbf
+from pipeline.rgbf import (RGBFError, figure_rows, flow_to_image, image_to_flow, paired_flow_index, rgbf,
+                           training_frames)
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, StoreError, VideoMeta, prepare_output, shard_name
 
 H, W, T = 24, 32, 6
@@ -198,19 +199,24 @@ def test_default_storage_is_jpeg_and_close_to_the_lossless_result(flow_dir: Path
     build_rgbf(flow_dir, tmp_path / "raw", BuildConfig(storage="raw"), progress=False)
     jpeg, raw = ShardSet(tmp_path / "jpeg"), ShardSet(tmp_path / "raw")
     assert {spec.encoding for spec in jpeg.schema.fields} == {"jpeg"}
-    for name in ("rgb", "flow", "rgbf"):
+    # Mean error on 0..255, measured (q90, simplejpeg): rgb 1.19, flow image 0.82, rgbf 0.43; bounds 1.5x those.
+    for name, bound in (("rgb", 1.8), ("flow", 1.25), ("rgbf", 0.65)):
         error = np.abs(jpeg.read("v0", name).astype(np.int16) - raw.read("v0", name)).mean()
-        assert error < 4.0, name
+        assert error < bound, (name, error)
 
 
-def test_figure_rows_from_training_and_flow_shards(flow_dir: Path, tmp_path: Path) -> None:
+def test_figure_rows_show_the_stored_training_frames(flow_dir: Path, tmp_path: Path) -> None:
     build_rgbf(flow_dir, tmp_path / "train", BuildConfig(storage="raw"), progress=False)
-    from_train = figure_rows(ShardSet(tmp_path / "train"), "v2", n=4)
-    from_flow = figure_rows(ShardSet(flow_dir), "v2", n=4)
-    assert [title for title, _ in from_train] == ["RGB", "flow image (u, v, |F|)", "RGBF (eq. 7)"]
-    for (_, a), (_, b) in zip(from_train, from_flow):
-        assert a.shape == (4, H, W, 3)
-        np.testing.assert_array_equal(a, b)
+    rows = figure_rows(ShardSet(tmp_path / "train"), "v2", n=4)
+    assert [title for title, _ in rows] == ["RGB", "flow image (u, v, |F|)", "RGBF (eq. 7)"]
+    flow_shards = ShardSet(flow_dir)
+    video = flow_shards.video("v2")
+    index = np.unique(np.rint(np.linspace(0, video.n_frames - 1, 4)).astype(np.int64))
+    expected = training_frames(flow_shards.read(video, "rgb", index=index),
+                               flow_shards.read(video, "flow", index=paired_flow_index(video.n_frames)[index]))
+    for (_, frames), name in zip(rows, ("rgb", "flow", "rgbf")):
+        assert frames.shape == (4, H, W, 3)
+        np.testing.assert_array_equal(frames, expected[name])
 
 
 def test_rgbf_normalises_between_the_frame_minimum_and_maximum() -> None:
