@@ -212,11 +212,15 @@ _TVL1_OPTIONS = [
 
 
 def _tvl1_options(func):
-    from pipeline.tvl1_params import TVL1Params
+    from pipeline.tvl1_params import BOUNDS, TVL1Params
 
     defaults = TVL1Params()
     for flag, name, kind, text in reversed(_TVL1_OPTIONS):
-        func = click.option(flag, name, type=_Finite() if kind is float else kind, default=getattr(defaults, name),
+        bound = BOUNDS.get(name)
+        if bound is not None:  # the library's range: --help shows it, click refuses a value outside it
+            kind = (_Finite if kind is float else click.IntRange)(bound.min, bound.max, min_open=bound.min_open,
+                                                                   max_open=bound.max_open)
+        func = click.option(flag, name, type=kind, default=getattr(defaults, name),
                             show_default=True, help=f"TV-L1: {text}")(func)
     return func
 
