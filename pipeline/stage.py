@@ -109,11 +109,17 @@ class Stage:
             self._locks = undo.pop_all()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         from pipeline.store import write_manifest
 
         with self._locks:
-            self.manifests = [write_manifest(Path(out.root)) for out in self.outputs]
+            try:
+                self.manifests = [write_manifest(Path(out.root)) for out in self.outputs]
+            except Asym3dError:
+                if exc is None:
+                    raise
+                # The run's own error is the one to report: a full disk fails the manifest too, and its message
+                # would hide which shard the disk filled on.
 
     def run(self, work: Callable[[Any], ShardResult], tasks: Sequence[Any], *, desc: str, jobs: int = 1,
             scheduler: str | None = None, progress: bool = True) -> list[ShardResult]:

@@ -30,6 +30,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import zlib
 from contextlib import contextmanager
@@ -70,6 +71,15 @@ def os_reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def hdf5_io_error(exc: BaseException) -> OSError | None:
+    """The operating-system error inside an HDF5 failure that h5py raises as ``RuntimeError`` (a failed flush:
+    "Unable to synchronously flush file (file write failed: ... errno = 28 ...)"), else None."""
+    match = re.search(r"errno = (\d+)", str(exc)) if isinstance(exc, RuntimeError) else None
+    if match is None or not int(match.group(1)):
+        return None
+    return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+
+
 def write_error(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"{path}: cannot write ({os_reason(exc)})")
 
@@ -82,6 +92,12 @@ def damaged_shard(path: Path | str, exc: BaseException) -> DamagedError:
 
 
 def _discard(path: Path) -> None:
+    """Delete a temporary file. Emptied first: a writer whose close failed (HDF5 after a failed flush) still holds it
+    open, and an unlinked file keeps its blocks while open, so a full disk would stay full for the next write."""
+    try:
+        os.truncate(path, 0)
+    except OSError:
+        pass
     try:
         path.unlink(missing_ok=True)
     except OSError:  # a read-only filesystem cannot hold the temporary file either
@@ -398,12 +414,19 @@ class ShardWriter:
 
     def _close(self, exc: BaseException | None) -> None:
         """Close the HDF5 file, then let :func:`atomic_output` rename the temporary file (no error) or delete it
-        (raising a one-line :class:`StoreError` when the error was the operating system's)."""
+        (raising a one-line :class:`StoreError` when the error was the operating system's).
+
+        A full disk can fail HDF5's flush, which h5py raises as ``RuntimeError`` carrying the errno; that counts as
+        the operating system's error. The close after it then fails too ("Can't destroy cache"), with the file
+        still open: that second error is dropped in favour of the first, and the file is discarded anyway."""
+        exc = hdf5_io_error(exc) or exc if exc is not None else None
         try:
             if self._file is not None:
                 self._file.close()
-        except OSError as err:
-            exc = exc or err
+        except (OSError, RuntimeError) as err:
+            if exc is None and not isinstance(err, OSError) and hdf5_io_error(err) is None:
+                raise  # a close that fails on its own, not after a write error: a bug, keep its traceback
+            exc = exc or hdf5_io_error(err) or err
         if exc is None:
             self._output.__exit__(None, None, None)
         else:
