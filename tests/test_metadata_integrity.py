@@ -5,13 +5,14 @@ full disk under build-rgbf's default JPEG storage; a video or class directory li
 Real files throughout: one bit flipped in the file's bytes, a real tmpfs (see test_integrity._in_tmpfs)."""
 from __future__ import annotations
 
-import sys
+import subprocess
 from pathlib import Path
 
 from test_integrity import ENV, H, W, _cfg, _cli, _in_tmpfs, _tree
 
 from pipeline.datasets import index_dataset
 from pipeline.extract import extract_flow
+from pipeline.store import ShardSet
 
 
 def test_build_rgbf_on_a_full_disk_with_jpeg_storage_names_the_shard_and_resumes(tmp_path: Path) -> None:
@@ -43,3 +44,27 @@ def test_build_rgbf_on_a_full_disk_with_jpeg_storage_names_the_shard_and_resumes
     assert read("resume.rc").strip() == "0", read("resume.err")
     assert "8 videos ok, 0 failed, 2 shards built" in read("resume.out")
     assert "shard-00001.h5" in read("ls2") and ".tmp." not in read("ls2")
+
+
+def test_a_video_or_class_linked_from_outside_root_fails_that_video_and_the_run_goes_on(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "data")
+    elsewhere = _tree(tmp_path / "elsewhere")
+    (root / "right" / "linked.mkv").symlink_to(elsewhere / "right" / "right0.mkv")
+    (root / "left").symlink_to(elsewhere / "down", target_is_directory=True)
+    (root / "down" / "inside.mkv").symlink_to(root / "down" / "down0.mkv")  # a link inside the root is fine
+    result = subprocess.run(_cli("extract-flow", str(root), str(tmp_path / "flow"), "--backend", "dis", "--size",
+                                 f"{H}x{W}", "--max-failures", "1.0"), env=ENV, capture_output=True, text=True)
+    assert "Traceback" not in result.stderr, result.stderr
+    failed = sorted(line for line in result.stderr.splitlines() if line.startswith("FAILED"))
+    outside = "outside the dataset root {root}; not read".format(root=root.resolve())
+    assert failed == [
+        f"FAILED left/down0: {root.resolve()}/left/down0.mkv: a symbolic link to {elsewhere.resolve()}/down/down0.mkv, "
+        f"{outside}",
+        f"FAILED left/down1: {root.resolve()}/left/down1.mkv: a symbolic link to {elsewhere.resolve()}/down/down1.mkv, "
+        f"{outside}",
+        f"FAILED right/linked: {root.resolve()}/right/linked.mkv: a symbolic link to "
+        f"{elsewhere.resolve()}/right/right0.mkv, {outside}",
+    ], result.stderr
+    shards = ShardSet(tmp_path / "flow")
+    assert sorted(v.video_id for v in shards.videos) == ["down/down0", "down/down1", "down/inside", "right/right0",
+                                                        "right/right1"]
