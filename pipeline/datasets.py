@@ -19,9 +19,12 @@ only place that knows the on-disk conventions of each dataset. One small parser 
 
 Error policy (the CLI repeats it in ``--help``):
 
-- A malformed line, an unknown class or category, a label that contradicts the class list, a path escaping the
-  dataset root, or a video put in both train and test of one split raises :class:`DatasetError` naming
+- A malformed line, an unknown class or category, a label that contradicts the class list, an absolute path or
+  one with ``..``, or a video put in both train and test of one split raises :class:`DatasetError` naming
   ``file:line``. A wrong split file is a user error; failing fast beats training on a silently wrong split.
+- A video or class directory that is a symbolic link leading outside the dataset root is indexed with
+  ``VideoRecord.refused`` set: extract-flow fails that video with the reason (recorded in its shard, like a video
+  that does not decode) and goes on; nothing outside the root is read.
 - A line naming a video that is missing on disk is skipped with a warning naming ``file:line`` (one warning per
   video, at its first line; a few missing downloads should not block a run). If more than ``max_missing`` (default
   half) of the videos a split names are missing, the root is almost certainly wrong and :class:`DatasetError` is
@@ -77,6 +80,7 @@ class VideoRecord:
     label_name: str
     group: str | None
     splits: dict[int, str]
+    refused: str = ""  # why this video is not read (a link leading outside the root); empty when it is fine
 
 
 @dataclass
@@ -131,17 +135,21 @@ def _parse_int(text: str, where: str, what: str) -> int:
         raise DatasetError(f"{where}: {what} must be an integer, got {text!r}") from None
 
 
-def _resolve_inside(root: Path, relative: str, where: str) -> Path:
-    """Resolve a path read from a split/label file inside ``root`` (itself already resolved); reject absolute
-    paths, ``..`` and symlinks that lead out of it, so an untrusted list cannot make later stages read arbitrary
-    files. ``os.path`` rather than ``pathlib`` because this runs for every line of every split file."""
+def _resolve_inside(root: Path, relative: str, where: str) -> tuple[Path, str]:
+    """Resolve a path read from a split/label file inside ``root`` (itself already resolved), as ``(path, refused)``,
+    so an untrusted list cannot make later stages read arbitrary files. Absolute paths and ``..`` are a malformed
+    line (:class:`DatasetError`); a symlink (the video's or its class directory's) leading out of the root refuses
+    that one video: ``path`` is then the link itself and ``refused`` the reason, so the video fails with it and the
+    rest of the run goes on. ``os.path`` rather than ``pathlib`` because this runs for every line of every split
+    file."""
     parts = relative.split("/")
     if relative.startswith("/") or ".." in parts or not relative:
         raise DatasetError(f"{where}: path {relative!r} must be relative to the dataset root without '..'")
-    resolved = os.path.realpath(os.path.join(root, relative))
+    link = os.path.join(root, relative)
+    resolved = os.path.realpath(link)
     if not resolved.startswith(os.path.join(root, "")):
-        raise DatasetError(f"{where}: path {relative!r} resolves to {resolved}, outside the dataset root {root}")
-    return Path(resolved)
+        return Path(os.path.normpath(link)), f"a symbolic link to {resolved}, outside the dataset root {root}; not read"
+    return Path(resolved), ""
 
 
 def _class_and_name(relative: str, where: str) -> tuple[str, str]:
@@ -161,6 +169,7 @@ class _Entry:
     label: int
     group: str | None
     splits: dict[int, str] = field(default_factory=dict)
+    refused: str = ""
 
 
 class _Collector:
@@ -177,17 +186,18 @@ class _Collector:
         self.warnings: list[str] = []
         self.named: dict[int, int] = {}  # split -> lines naming a video
         self.missing: dict[int, int] = {}  # split -> of those, videos missing on disk
-        # relative path -> (resolved path, exists): UCF-101 names every video once per split, and resolving and
-        # stat-ing paths is most of the indexing time
-        self._located: dict[str, tuple[Path, bool]] = {}
+        # relative path -> (resolved path, exists, refused): UCF-101 names every video once per split, and resolving
+        # and stat-ing paths is most of the indexing time
+        self._located: dict[str, tuple[Path, bool, str]] = {}
 
     def add(self, where: str, relative: str, label: int, split: int, subset: str | None) -> None:
         """Record that ``relative`` (class ``label``) is in ``subset`` of ``split`` (None: listed but unused).
         A missing video is warned about once, at its first line, and counted in every split that names it."""
         first_mention = relative not in self._located
         if first_mention:
-            self._located[relative] = self._locate(_resolve_inside(self.root, relative, where), relative)
-        path, exists = self._located[relative]
+            path, refused = _resolve_inside(self.root, relative, where)
+            self._located[relative] = (*self._locate(path, relative), refused)
+        path, exists, refused = self._located[relative]
         self.named[split] = self.named.get(split, 0) + 1
         if not exists:
             self.missing[split] = self.missing.get(split, 0) + 1
@@ -198,7 +208,7 @@ class _Collector:
         entry = self.entries.get(video_id)
         if entry is None:
             match = _UCF_GROUP.search(video_id) if self.parse_groups else None
-            entry = self.entries[video_id] = _Entry(path, label, match.group(1) if match else None)
+            entry = self.entries[video_id] = _Entry(path, label, match.group(1) if match else None, refused=refused)
         if entry.path != path:
             raise DatasetError(f"{where}: {relative} and {entry.path.name} would both get the id {video_id!r}")
         if entry.label != label:
@@ -242,7 +252,8 @@ class _Collector:
             listed, found = self.other_extension[0]
             self.warnings.insert(0, f"{self.root}: {len(self.other_extension)} listed videos found under another "
                                     f"extension (e.g. {listed} -> {found.name})")  # first: the CLI shows ten
-        records = [VideoRecord(vid, e.path, e.label, self.classes[e.label], e.group, dict(sorted(e.splits.items())))
+        records = [VideoRecord(vid, e.path, e.label, self.classes[e.label], e.group, dict(sorted(e.splits.items())),
+                               e.refused)
                    for vid, e in sorted(self.entries.items(), key=lambda item: (item[1].label, item[0]))]
         missing = {split: (self.missing.get(split, 0), named) for split, named in sorted(self.named.items())}
         return DatasetIndex(self.kind, self.root, self.classes, records, self.warnings, extra or {}, missing)

@@ -335,6 +335,8 @@ def decode_ahead(records: list[VideoRecord], cfg: DecodeConfig, threads: int = D
     threads`` videos ahead in threads (ffmpeg runs in its own process), so flow never waits for decoding."""
     def decode(record: VideoRecord) -> np.ndarray | Exception:
         try:
+            if record.refused:
+                raise DecodeError(record.path, record.refused)
             frames = decode_video(record.path, cfg)
             if len(frames) < 2:
                 raise DecodeError(record.path, f"{len(frames)} frame(s); optical flow needs at least 2")

@@ -10,7 +10,8 @@ work; everything around them lives here, once::
 
 Entering takes every output directory's lock (:mod:`pipeline.lock`), declares each directory's identity or checks
 that it continues an earlier run of the same configuration (:func:`pipeline.store.prepare_output`), and with
-``repair`` sets damaged shards aside (:mod:`pipeline.verify`) so the work redoes exactly those. :meth:`Stage.run`
+``repair`` rebuilds a damaged ``dataset.json`` from the run's declaration (checked against the shards) and sets
+damaged shards aside (:mod:`pipeline.verify`) so the work redoes exactly those. :meth:`Stage.run`
 maps the per-shard work with :func:`pipeline.runner.run_tasks` (joblib or dask) and stops the run with
 :class:`TooManyFailures` once more videos failed than ``max_failures`` allows; finished shards are kept. Leaving
 writes every directory's manifest, also when the run stopped, so a rerun and ``inspect`` see what was done.
@@ -103,17 +104,23 @@ class Stage:
                 undo.enter_context(DirectoryLock(out.root))
             for out in self.outputs:
                 self.warnings += prepare_output(Path(out.root), out.schema, self.dataset, self.plan,
-                                                overwrite=self.overwrite, recorded=out.recorded)
+                                                overwrite=self.overwrite, recorded=out.recorded, repair=self.repair)
                 if self.repair:
                     self.repaired += set_aside_damaged(Path(out.root))
             self._locks = undo.pop_all()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         from pipeline.store import write_manifest
 
         with self._locks:
-            self.manifests = [write_manifest(Path(out.root)) for out in self.outputs]
+            try:
+                self.manifests = [write_manifest(Path(out.root)) for out in self.outputs]
+            except Asym3dError:
+                if exc is None:
+                    raise
+                # The run's own error is the one to report: a full disk fails the manifest too, and its message
+                # would hide which shard the disk filled on.
 
     def run(self, work: Callable[[Any], ShardResult], tasks: Sequence[Any], *, desc: str, jobs: int = 1,
             scheduler: str | None = None, progress: bool = True) -> list[ShardResult]:

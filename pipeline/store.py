@@ -21,15 +21,23 @@ as ``value * scale`` in the declared dtype and read back as float32.
 
 Integrity: every raw array carries HDF5's fletcher32 checksum per chunk (h5py raises on a mismatch when the chunk is
 read). HDF5 cannot checksum variable-length data, so a JPEG field ``name`` has a sibling ``name.crc32`` array (one
-CRC-32 per frame, itself fletcher32-checked), compared on every read. :mod:`pipeline.verify` reads everything.
+CRC-32 per frame, itself fletcher32-checked), compared on every read. HDF5 checksums no attribute either (its
+default object headers carry none), yet the attributes say what the arrays mean (a video's label, class name,
+splits, frame count, source; the shard's schema and failures), so each video group and each shard carry
+``asym3d_digest``, the SHA-256 of their other attributes (the shard's also of its list of videos), checked by every
+reader (:func:`video_entries`). ``dataset.json`` and ``manifest.json`` carry theirs as a ``checksum`` key
+(:func:`write_json_sealed`). Shards and files written before these checksums still read; they cannot be verified,
+and ``inspect --verify`` says so. :mod:`pipeline.verify` reads everything.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import zlib
 from contextlib import contextmanager
@@ -49,6 +57,14 @@ MANIFEST_FILE = "manifest.json"
 SHARD_GLOB = "shard-*.h5"
 TMP_GLOB = "*.tmp.*"  # what atomic_output leaves behind when its process is killed
 CRC_SUFFIX = ".crc32"
+DIGEST_ATTR = "asym3d_digest"  # a shard's and each video group's metadata checksum (see the module docstring)
+CHECKSUM_KEY = "checksum"  # the same for dataset.json and manifest.json
+# What shards and JSON files held before they carried checksums: such a one reads, unverified. Any other name (a
+# flipped bit in the checksum's own name) is damage, so a checksum can never go missing unnoticed.
+LEGACY_SHARD_ATTRS = frozenset({"asym3d_schema", "asym3d_recorded", "asym3d_shard", "failures"})
+LEGACY_VIDEO_ATTRS = frozenset({"video_id", "label", "label_name", "source", "n_frames", "splits"})
+SCHEMA_KEYS = frozenset({"schema", "dataset", "plan", "recorded"})
+MANIFEST_KEYS = frozenset({"schema", "summary", "videos", "pending"})
 
 
 class StoreError(Asym3dError):
@@ -70,6 +86,15 @@ def os_reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def hdf5_io_error(exc: BaseException) -> OSError | None:
+    """The operating-system error inside an HDF5 failure that h5py raises as ``RuntimeError`` (a failed flush:
+    "Unable to synchronously flush file (file write failed: ... errno = 28 ...)"), else None."""
+    match = re.search(r"errno = (\d+)", str(exc)) if isinstance(exc, RuntimeError) else None
+    if match is None or not int(match.group(1)):
+        return None
+    return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+
+
 def write_error(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"{path}: cannot write ({os_reason(exc)})")
 
@@ -82,6 +107,12 @@ def damaged_shard(path: Path | str, exc: BaseException) -> DamagedError:
 
 
 def _discard(path: Path) -> None:
+    """Delete a temporary file. Emptied first: a writer whose close failed (HDF5 after a failed flush) still holds it
+    open, and an unlinked file keeps its blocks while open, so a full disk would stay full for the next write."""
+    try:
+        os.truncate(path, 0)
+    except OSError:
+        pass
     try:
         path.unlink(missing_ok=True)
     except OSError:  # a read-only filesystem cannot hold the temporary file either
@@ -141,6 +172,99 @@ def read_json(path: Path | str) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DamagedError(f"{path}: unreadable ({os_reason(exc)})") from None
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of ``value`` as canonical JSON: the checksum of metadata (attributes, dataset.json, manifests)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_json_sealed(path: Path | str, doc: dict[str, Any]) -> None:
+    """Write ``doc`` atomically with its own checksum under :data:`CHECKSUM_KEY` (see :func:`read_json_sealed`)."""
+    write_text_atomic(path, json.dumps({CHECKSUM_KEY: content_digest(as_json(doc)), **doc}, indent=1))
+
+
+def read_json_sealed(path: Path | str, legacy_keys: frozenset[str]) -> tuple[dict[str, Any], bool]:
+    """A JSON object written by :func:`write_json_sealed`, without its checksum, and whether it carried one.
+
+    A file whose content does not match its checksum (one flipped bit, an edit by hand) is a one-line
+    :class:`DamagedError` naming it. One written before checksums (its keys among ``legacy_keys``) reads, unverified.
+    """
+    path = Path(path)
+    doc = read_json(path)
+    if not isinstance(doc, dict):
+        raise DamagedError(f"{path}: unreadable (not a JSON object)")
+    stored = doc.pop(CHECKSUM_KEY, None)
+    remedy = "rerun the stage that wrote it with --repair to rebuild it from the shards"
+    if stored is None:
+        unknown = sorted(set(doc) - legacy_keys)
+        if unknown:
+            raise DamagedError(f"{path}: damaged (no checksum, and unexpected keys {', '.join(unknown)}); {remedy}")
+        return doc, False
+    if stored != content_digest(doc):
+        raise DamagedError(f"{path}: damaged (its content does not match its checksum); {remedy}")
+    return doc, True
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as JSON can hold it (h5py returns numpy scalars for numbers)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value
+
+
+def _attributes(obj: h5py.Group) -> dict[str, Any]:
+    return {name: _plain(value) for name, value in obj.attrs.items() if name != DIGEST_ATTR}
+
+
+def _shard_digest(f: h5py.File) -> str:
+    """The shard's own attributes and its list of videos (group name and id), so a video cannot vanish or move."""
+    videos = [[key, _plain(group.attrs.get("video_id"))] for key, group in f["videos"].items()]
+    return content_digest({"attributes": _attributes(f), "videos": videos})
+
+
+def seal_shard(f: h5py.File) -> None:
+    """Write the metadata checksums of an open, writable shard: each video group's, then the shard's."""
+    for group in f["videos"].values():
+        group.attrs[DIGEST_ATTR] = content_digest(_attributes(group))
+    f.attrs[DIGEST_ATTR] = _shard_digest(f)
+
+
+def _video_name(group: h5py.Group, key: str) -> str:
+    try:
+        return str(group.attrs["video_id"])
+    except (KeyError, OSError):
+        return f"(entry {key})"
+
+
+def metadata_damage(f: h5py.File) -> tuple[bool, list[tuple[str, str]]]:
+    """Whether the open shard carries metadata checksums, and each ``(video id or "", reason)`` they find damaged.
+
+    A shard without any checksum (written before them) is readable but unverifiable; an attribute name it could not
+    have had then is damage (a flipped bit in a checksum's own name)."""
+    groups = list(f["videos"].items())
+    sealed = DIGEST_ATTR in f.attrs or any(DIGEST_ATTR in group.attrs for _, group in groups)
+    damage = []
+    if not sealed:
+        if set(f.attrs) - LEGACY_SHARD_ATTRS:
+            damage.append(("", f"unexpected attributes {', '.join(sorted(set(f.attrs) - LEGACY_SHARD_ATTRS))}"))
+        for key, group in groups:
+            if set(group.attrs) - LEGACY_VIDEO_ATTRS:
+                damage.append((_video_name(group, key), "unexpected attributes "
+                               f"{', '.join(sorted(set(group.attrs) - LEGACY_VIDEO_ATTRS))}"))
+        return False, damage
+    for key, group in groups:
+        if _plain(group.attrs.get(DIGEST_ATTR)) != content_digest(_attributes(group)):
+            damage.append((_video_name(group, key), "metadata (label, class name, splits, frame count, source) fails "
+                                                    "its checksum"))
+    if _plain(f.attrs.get(DIGEST_ATTR)) != _shard_digest(f):
+        damage.append(("", "shard attributes (schema, failures, list of videos) fail their checksum"))
+    return True, damage
 
 
 def shard_name(index: int) -> str:
@@ -223,7 +347,8 @@ def library_versions() -> dict[str, str]:
 
 
 def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: list[list[str]],
-                   *, overwrite: bool = False, recorded: dict[str, Any] | None = None) -> list[str]:
+                   *, overwrite: bool = False, recorded: dict[str, Any] | None = None,
+                   repair: bool = False) -> list[str]:
     """Create ``root`` for a run, or check that it continues an earlier run of the same configuration.
 
     ``dataset`` holds what the data is about (kind, classes, relabel mappings); ``plan`` the video ids per shard.
@@ -232,6 +357,10 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
     deletes nothing: the shards are what the rerun would write. Shards without a ``dataset.json`` (deleted by hand)
     are checked against their own stored schema before anything is added. ``recorded`` (what runs this time:
     ``libraries``, backend, limits) is stored, not compared; returns warnings naming changed library versions.
+
+    A damaged ``dataset.json`` (it fails its checksum) is refused in one line, or with ``repair`` rebuilt: kept as
+    ``dataset.json.damaged`` and written anew from this run's declaration, once that agrees with what the shards
+    themselves hold (their schema, each video's shard in the plan, each video's label and class name).
     """
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -240,13 +369,26 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
     meta_path = root / SCHEMA_FILE
     new = as_json({"schema": schema.to_dict(), "dataset": dataset, "plan": plan, "recorded": recorded or {}})
     identity = {key: new[key] for key in ("schema", "dataset", "plan")}
-    old = read_json(meta_path) if meta_path.exists() else None
-    if old is not None and not isinstance(old, dict):
-        raise DamagedError(f"{meta_path}: unreadable (not a JSON object)")
+    old, sealed = None, False
+    if meta_path.exists():
+        try:
+            old, sealed = read_json_sealed(meta_path, SCHEMA_KEYS)
+        except DamagedError as exc:
+            if not repair:
+                raise
+            diff = _orphan_shard_differences(root, new, skip_damaged=True)
+            if diff:
+                raise other_configuration(root, diff, f"{meta_path} is damaged ({exc}) and this run declares "
+                                                      "another configuration than the shards hold, so it cannot be "
+                                                      "rebuilt from it") from None
+            try:
+                os.replace(meta_path, meta_path.with_name(SCHEMA_FILE + ".damaged"))
+            except OSError as err:
+                raise write_error(meta_path, err) from None
     if old is not None:
         diff = configuration_differences({key: old.get(key) for key in identity}, identity)
     else:
-        diff = _orphan_shard_differences(root, new["schema"])
+        diff = _orphan_shard_differences(root, new)
     if not diff:
         warnings: list[str] = []
         if old is not None:
@@ -257,31 +399,46 @@ def prepare_output(root: Path, schema: Schema, dataset: dict[str, Any], plan: li
             if changed:
                 warnings.append(f"{root}: library versions changed since the earlier run ({', '.join(changed)}); "
                                 "each shard records the versions that made it")
-        if old is None or old.get("recorded") != new["recorded"]:  # a finished rerun writes nothing
-            write_text_atomic(meta_path, json.dumps(new, indent=1))
+        if old is None or not sealed or old.get("recorded") != new["recorded"]:  # a finished rerun writes nothing
+            write_json_sealed(meta_path, new)
         return warnings
     if not overwrite:
         raise other_configuration(root, diff, "use another output directory or --overwrite")
     for path in root.glob(SHARD_GLOB):
         path.unlink()
     (root / MANIFEST_FILE).unlink(missing_ok=True)
-    write_text_atomic(meta_path, json.dumps(new, indent=1))
+    write_json_sealed(meta_path, new)
     return []
 
 
-def _orphan_shard_differences(root: Path, schema: dict[str, Any]) -> list[str]:
-    """Differences between ``schema`` and the schema stored in each shard of a directory without dataset.json."""
-    diff: list[str] = []
+def _orphan_shard_differences(root: Path, declared: dict[str, Any], skip_damaged: bool = False) -> list[str]:
+    """Differences between a declared identity (``schema``, ``dataset``, ``plan``) and what each shard of a
+    directory without a (usable) dataset.json holds: its stored schema, and for each video its place in the plan,
+    its label and class name. ``skip_damaged`` passes over shards that cannot be read (``--repair`` sets them aside
+    next)."""
+    classes, plan = declared["dataset"].get("classes", []), declared["plan"]
     for path in sorted(root.glob(SHARD_GLOB)):
         try:
             with h5py.File(path, "r") as f:
                 stored = json.loads(f.attrs["asym3d_schema"])
-        except (OSError, KeyError, ValueError) as exc:
+                index = int(f.attrs["asym3d_shard"])
+                videos = video_entries(f, path.name)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            if skip_damaged:
+                continue
             return [f"{path.name} unreadable ({os_reason(exc)})"]
-        diff = [f"{path.name}: {d}" for d in configuration_differences({"schema": stored}, {"schema": schema})]
+        diff = [f"{path.name}: {d}" for d in configuration_differences({"schema": stored},
+                                                                       {"schema": declared["schema"]})]
+        planned = set(plan[index]) if 0 <= index < len(plan) else set()
+        for video in videos:
+            if video.video_id not in planned:
+                diff.append(f"{path.name}: video {video.video_id!r} is not in the plan's shard {index}")
+            elif not 0 <= video.label < len(classes) or classes[video.label] != video.label_name:
+                diff.append(f"{path.name}: video {video.video_id!r} has class {video.label} {video.label_name!r}, "
+                            f"not in the classes declared")
         if diff:
             return diff
-    return diff
+    return []
 
 
 def as_json(value: Any) -> Any:
@@ -326,19 +483,25 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
 
 
 def load_dataset_meta(root: Path) -> dict[str, Any]:
-    """The ``dataset.json`` of a stage output, with a clear error when the directory is not one."""
+    """The ``dataset.json`` of a stage output, checked against its checksum, with a clear error when the directory
+    is not one."""
+    return read_dataset_meta(root)[0]
+
+
+def read_dataset_meta(root: Path) -> tuple[dict[str, Any], bool]:
+    """:func:`load_dataset_meta`, and whether the file carried its checksum (one written before them did not)."""
     meta_path = Path(root) / SCHEMA_FILE
     if not meta_path.is_file():
         raise StoreError(f"{root}: not an asym3d shard directory (no {SCHEMA_FILE})")
-    meta = read_json(meta_path)
-    schema = meta.get("schema") if isinstance(meta, dict) else None
+    meta, sealed = read_json_sealed(meta_path, SCHEMA_KEYS)
+    schema = meta.get("schema")
     if not isinstance(schema, dict):
         raise DamagedError(f"{meta_path}: unreadable (no schema in it)")
     version = schema.get("version")
     if version not in READABLE_VERSIONS:
         raise StoreError(f"{meta_path}: format version {version}, this asym3d reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))}")
-    return meta
+    return meta, sealed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,18 +555,26 @@ class ShardWriter:
         if exc is None:
             try:
                 self._file.attrs["failures"] = json.dumps(self._failures)
+                seal_shard(self._file)
             except OSError as err:
                 exc = err
         self._close(exc)
 
     def _close(self, exc: BaseException | None) -> None:
         """Close the HDF5 file, then let :func:`atomic_output` rename the temporary file (no error) or delete it
-        (raising a one-line :class:`StoreError` when the error was the operating system's)."""
+        (raising a one-line :class:`StoreError` when the error was the operating system's).
+
+        A full disk can fail HDF5's flush, which h5py raises as ``RuntimeError`` carrying the errno; that counts as
+        the operating system's error. The close after it then fails too ("Can't destroy cache"), with the file
+        still open: that second error is dropped in favour of the first, and the file is discarded anyway."""
+        exc = hdf5_io_error(exc) or exc if exc is not None else None
         try:
             if self._file is not None:
                 self._file.close()
-        except OSError as err:
-            exc = exc or err
+        except (OSError, RuntimeError) as err:
+            if exc is None and not isinstance(err, OSError) and hdf5_io_error(err) is None:
+                raise  # a close that fails on its own, not after a write error: a bug, keep its traceback
+            exc = exc or hdf5_io_error(err) or err
         if exc is None:
             self._output.__exit__(None, None, None)
         else:
@@ -418,8 +589,14 @@ class ShardWriter:
         return tuple(self._failures)
 
     def copy_video(self, source: h5py.File, key: str) -> None:
-        """Copy a finished video from an earlier shard of the same schema byte for byte (no recomputation)."""
-        source.copy(source["videos"][key], self._videos, name=f"{len(self._videos):04d}")
+        """Copy a finished video from an earlier shard of the same schema byte for byte (no recomputation). Its
+        metadata checksum is checked first (when it has one): the new shard's seal must not bless damage."""
+        group = source["videos"][key]
+        stored = group.attrs.get(DIGEST_ATTR)
+        if stored is not None and _plain(stored) != content_digest(_attributes(group)):
+            raise damaged_shard(source.filename, ValueError(f"video {_video_name(group, key)!r}: metadata fails its "
+                                                            "checksum"))
+        source.copy(group, self._videos, name=f"{len(self._videos):04d}")
         self._file.flush()
 
     def add_video(self, meta: VideoMeta, arrays: dict[str, np.ndarray | JpegFrames]) -> None:
@@ -529,7 +706,12 @@ class VideoEntry:
 
 
 def video_entries(f: h5py.File, shard: str) -> list[VideoEntry]:
-    """The videos of one open shard named ``shard``, from their attributes (KeyError, ValueError when damaged)."""
+    """The videos of one open shard named ``shard``, from their attributes, checked against their checksums
+    (KeyError, ValueError when damaged)."""
+    _, damage = metadata_damage(f)
+    if damage:
+        video_id, reason = damage[0]
+        raise ValueError(f"video {video_id!r}: {reason}" if video_id else reason)
     videos = []
     for key, group in f["videos"].items():
         a = group.attrs
@@ -742,5 +924,5 @@ def write_manifest(root: Path) -> dict[str, Any]:
         "videos": entries,
         "pending": pending,
     }
-    write_text_atomic(Path(root) / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    write_json_sealed(Path(root) / MANIFEST_FILE, manifest)
     return manifest

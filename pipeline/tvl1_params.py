@@ -13,6 +13,43 @@ from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class Bound:
+    """The range a numeric TV-L1 parameter must lie in; ``None`` is unbounded. One source for the library's check
+    and the CLI's option types (whose ``--help`` shows it)."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # min itself excluded
+    max_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.min is None or value > self.min or (value == self.min and not self.min_open))
+                and (self.max is None or value < self.max or (value == self.max and not self.max_open)))
+
+    def __str__(self) -> str:
+        low = None if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
+        high = None if self.max is None else f"{'<' if self.max_open else '<='} {self.max:g}"
+        return " and ".join(filter(None, [low, high]))
+
+
+# Where each term of the energy means what its name says. OpenCV 5.0's Dual TV-L1 checks none of these: theta 0
+# returns NaN flow, lambda -1 flow ~30x too large, gamma -1 rewards the brightness changes it should explain.
+# medianFiltering has its own rule (odd, or <= 1: off).
+BOUNDS = {
+    "tau": Bound(0, min_open=True),
+    "lambda_": Bound(0, min_open=True),
+    "theta": Bound(0, min_open=True),
+    "nscales": Bound(1),
+    "warps": Bound(1),
+    "epsilon": Bound(0),
+    "innerIterations": Bound(1),
+    "outerIterations": Bound(1),
+    "scaleStep": Bound(0, 1, min_open=True, max_open=True),
+    "gamma": Bound(0),
+}
+
+
+@dataclass(frozen=True)
 class TVL1Params:
     """TV-L1 parameters: the names and defaults of ``cv2.optflow.DualTVL1OpticalFlow_create`` (OpenCV 5.0 contrib).
 
@@ -48,18 +85,9 @@ class TVL1Params:
                 raise ConfigError(f"TV-L1 {spec.name.rstrip('_')} must be a finite number, got {getattr(self, spec.name)}")
         if self.useInitialFlow:
             raise ConfigError("useInitialFlow=True is not supported by the torch TV-L1 (it takes no initial flow)")
-        if self.nscales < 1 or self.warps < 1 or self.innerIterations < 1 or self.outerIterations < 1:
-            raise ConfigError(
-                "nscales, warps, innerIterations and outerIterations must be >= 1, got "
-                f"{self.nscales}, {self.warps}, {self.innerIterations}, {self.outerIterations}"
-            )
-        if not 0.0 < self.scaleStep < 1.0:
-            raise ConfigError(f"scaleStep must be in (0, 1), got {self.scaleStep}")
-        if self.tau <= 0 or self.theta <= 0 or self.lambda_ <= 0 or self.epsilon < 0:
-            raise ConfigError(
-                f"tau, theta, lambda_ must be > 0 and epsilon >= 0, got {self.tau}, {self.theta}, "
-                f"{self.lambda_}, {self.epsilon}"
-            )
+        for name, bound in BOUNDS.items():
+            if getattr(self, name) not in bound:
+                raise ConfigError(f"TV-L1 {name.rstrip('_')} must be {bound}, got {getattr(self, name)}")
         if self.medianFiltering > 1 and self.medianFiltering % 2 == 0:
             raise ConfigError(f"medianFiltering must be odd (or <= 1 to disable), got {self.medianFiltering}")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import click
 import pytest
+from click.testing import CliRunner
 
 import model
 from cli import main
@@ -179,3 +181,34 @@ def test_every_tvl1_parameter_is_an_option() -> None:
     names = {option.name for option in _options(_commands()["extract-flow"])}
     fields = {field.name for field in dataclasses.fields(TVL1Params)} - {"useInitialFlow"}
     assert fields <= names
+
+
+def test_tvl1_ranges_are_the_library_bounds_and_help_shows_them() -> None:
+    """Each bounded TV-L1 option carries the library's range (so --help states it and click refuses outside it), and
+    every value just outside a bound is refused by the library too (--gamma -1 was accepted)."""
+    from pipeline.tvl1_params import BOUNDS
+
+    command = _commands()["extract-flow"]
+    ranges = {option.name: option.type for option in _options(command)}
+    for name, bound in BOUNDS.items():
+        kind = ranges[name]
+        assert (kind.min, kind.max, kind.min_open, kind.max_open) == (bound.min, bound.max, bound.min_open,
+                                                                    bound.max_open), name
+        delta = 1 if isinstance(getattr(TVL1Params(), name), int) else 1e-6
+        for end, open_, step in ((bound.min, bound.min_open, -1), (bound.max, bound.max_open, 1)):
+            if end is None:
+                continue
+            outside = end if open_ else end + step * delta
+            with pytest.raises(ValueError, match=name.rstrip("_")):
+                TVL1Params(**{name: outside})
+    help_text = " ".join(CliRunner().invoke(main, ["extract-flow", "--help"]).output.split())
+    assert "None" not in help_text
+    for flag in ("--tau", "--lambda", "--theta", "--epsilon", "--scale-step", "--gamma"):
+        assert re.search(rf"{flag} FINITE FLOAT [^[]*\[default: [^]]*; (x>=?0|0<x<1)\]", help_text), flag
+
+
+def test_a_negative_gamma_is_refused_before_anything_is_created(tmp_path) -> None:
+    (tmp_path / "root").mkdir()
+    result = CliRunner().invoke(main, ["extract-flow", str(tmp_path / "root"), str(tmp_path / "out"), "--gamma", "-1"])
+    assert result.exit_code == 2 and "Invalid value for '--gamma': -1.0 is not in the range x>=0" in result.output
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ from pipeline.datasets import index_dataset
 from pipeline.decode import DecodeConfig
 from pipeline.extract import ExtractConfig, extract_flow
 from pipeline.lock import DirectoryLock
-from pipeline.store import CRC_SUFFIX, StoreError, prepare_output
+from pipeline.store import CHECKSUM_KEY, CRC_SUFFIX, DIGEST_ATTR, StoreError, prepare_output
 from pipeline.verify import verify_dir, verify_shard
 
 H, W = 48, 64
@@ -420,15 +420,18 @@ def test_build_rgbf_inspect_and_demo_data_on_a_full_then_read_only_disk(tmp_path
 def test_format_1_shards_without_checksums_still_read_but_cannot_be_verified(dirs, tmp_path: Path) -> None:
     _, flow_src, train_src = dirs
     flow, train = tmp_path / "flow", tmp_path / "train"
-    for src, dst in ((flow_src, flow), (train_src, train)):  # as version 1 wrote them: no CRC arrays, version 1
-        shutil.copytree(src, dst)
+    for src, dst in ((flow_src, flow), (train_src, train)):  # as version 1 wrote them: no CRC arrays, version 1,
+        shutil.copytree(src, dst)                              # no metadata checksums
         meta = json.loads((dst / "dataset.json").read_text())
+        del meta[CHECKSUM_KEY]
         meta["schema"]["version"] = 1
         (dst / "dataset.json").write_text(json.dumps(meta))
         for shard in dst.glob("shard-*.h5"):
             with h5py.File(shard, "a") as f:
                 f.attrs["asym3d_schema"] = json.dumps(meta["schema"])
+                del f.attrs[DIGEST_ATTR]
                 for group in f["videos"].values():
+                    del group.attrs[DIGEST_ATTR]
                     for name in [n for n in group if n.endswith(CRC_SUFFIX)]:
                         del group[name]
     from pipeline.store import ShardSet

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import csv
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,8 @@ from model.runtime import Runtime
 from model.config import make_config
 from model.train import TrainConfig, TrainError, init_from_checkpoint, train, train_splits
 from model import build_model
-from pipeline.store import FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, prepare_output, shard_name
+from pipeline.store import (SCHEMA_KEYS, FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, prepare_output,
+                            read_json_sealed, shard_name, write_json_sealed)
 
 HEIGHT, WIDTH = 16, 20
 CLIP = 16
@@ -237,10 +237,13 @@ def test_bad_input_errors(shards: Path, tmp_path: Path) -> None:
     assert result["absent_videos"] == 1 and result["best_on"] == "train"  # no test videos: best by train accuracy
 
     meta_path = rgb_only / "dataset.json"
-    meta = json.loads(meta_path.read_text())
+    meta, _ = read_json_sealed(meta_path, SCHEMA_KEYS)
     meta["schema"]["version"] = 99
-    meta_path.write_text(json.dumps(meta))
+    write_json_sealed(meta_path, meta)  # as a later asym3d would write it, with its checksum
     with pytest.raises(StoreError, match="format version 99"):
+        train(config(rgb_only, tmp_path / "run2"))
+    meta_path.write_text(meta_path.read_text().replace('"version": 99', '"version": 98'))  # edited by hand
+    with pytest.raises(StoreError, match="dataset.json: damaged"):
         train(config(rgb_only, tmp_path / "run2"))
 
 
