@@ -277,8 +277,9 @@ def _tvl1_options(func):
                    "them")
 @click.option("--keep-flow", is_flag=True, help="with --train-dir: write the flow shards too")
 @click.option("--encode-workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="with --train-dir and --jobs 1: processes computing the training images and JPEG while the one "
-                   "process holding the flow backend decodes ahead and computes flow (0: all in that process)")
+              help="with --train-dir: processes computing the training images and JPEG while the process holding the "
+                   "flow backend decodes ahead and computes flow (0: all in that process); with --jobs 1, or per dask "
+                   "worker under --scheduler (workers started with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
 @_build_options
 @click.pass_context
 def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, splits_dir, labels_file,

@@ -293,7 +293,11 @@ def _training_video(frames: np.ndarray, flow: np.ndarray, field: FieldSpec, sche
 @functools.lru_cache(maxsize=1)
 def _encode_pool(workers: int) -> ProcessPoolExecutor:
     """This process's pool for the training images and JPEG (``ExtractConfig.encode_workers``), started once and
-    kept for every shard; its processes exit with this one (:func:`pipeline.runner.exit_with_parent`)."""
+    kept for every shard; its processes exit with this one (:func:`pipeline.runner.exit_with_parent`). A dask
+    worker started as a daemonic process (dask's default) cannot have children: one line says how to start it."""
+    if multiprocessing.current_process().daemon:
+        raise ConfigError(f"--encode-workers {workers}: this worker process is daemonic and cannot start processes; "
+                          "start the dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=exit_with_parent, initargs=(os.getpid(),))
 
@@ -404,10 +408,10 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     with :class:`TooManyFailures`. ``train``: build each shard's training shard as soon as its flow shard is
     complete (:func:`process_chained`), holding that directory's lock too; failures count the build's as well.
     """
-    if cfg.encode_workers and (jobs != 1 or scheduler):
-        # The pool is started by the backend's process; joblib's and dask's worker processes cannot start one.
-        raise ConfigError("--encode-workers runs with --jobs 1 (one process holding the flow backend), not with "
-                          "--jobs N or --scheduler")
+    if cfg.encode_workers and jobs != 1:
+        # The pool is started by the process holding the backend; joblib's worker processes cannot start one.
+        raise ConfigError("--encode-workers runs with --jobs 1 (one process holding the flow backend) or "
+                          "--scheduler (each dask worker holding one), not with --jobs N")
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
     schema, recorded = cfg.schema(), cfg.recorded()

@@ -25,6 +25,7 @@ from cli import main
 from pipeline.build_rgbf import BuildConfig, FollowOn, build_rgbf
 from pipeline.datasets import index_dataset
 from pipeline.decode import DecodeConfig
+from pipeline.errors import ConfigError
 from pipeline.extract import ExtractConfig, extract_flow
 from pipeline.stage import TooManyFailures
 from pipeline.store import ShardSet, ShardWriter, VideoMeta, load_dataset_meta
@@ -183,6 +184,7 @@ def test_encode_workers_write_the_same_shards_with_the_torch_backend_on_the_cpu(
     refused = CliRunner().invoke(main, ["extract-flow", str(root), str(tmp_path / "f3"), "--train-dir",
                                         str(tmp_path / "t3"), "--encode-workers", "2", "--jobs", "2"])
     assert refused.exit_code == 1 and "Error: --encode-workers runs with --jobs 1" in refused.output
+    assert "not with --jobs N" in refused.output
     assert not (tmp_path / "f3").exists() and not (tmp_path / "t3").exists()
 
 
@@ -220,3 +222,24 @@ def test_owner_pools_bench_runs_at_a_tiny_size(capsys) -> None:
     assert [r[0].strip() for r in rows] == ["one process", "one backend process + 1 encode workers",
                                             "--jobs 2, one process per shard"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_each_dask_worker_holds_the_backend_and_its_encode_pool(two_stages, tmp_path: Path) -> None:
+    """Under --scheduler a (non-daemonic) dask worker process runs the shards with its own encode pool: the same files;
+    a daemonic worker (dask's default) fails the run in one line saying how to start it."""
+    import dask
+    from distributed import LocalCluster
+
+    root, _, train2 = two_stages
+    index = index_dataset("folder", root)
+    cfg = dataclasses.replace(_cfg(), encode_workers=1)
+    with dask.config.set({"distributed.worker.daemon": False}), LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        summary = extract_flow(index, tmp_path / "flow", cfg, train=FollowOn(tmp_path / "train"),
+                               scheduler=cluster.scheduler_address, progress=False)
+    assert summary.videos_ok == 4 and _shards(tmp_path / "train") == _shards(train2)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        with pytest.raises(ConfigError, match="DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+            extract_flow(index, tmp_path / "flow2", cfg, train=FollowOn(tmp_path / "train2"),
+                         scheduler=cluster.scheduler_address, progress=False)
