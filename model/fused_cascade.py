@@ -44,8 +44,14 @@ BLOCK_W, BLOCK_C, BLOCK_L, BLOCK_N = 16, 32, 32, 16
 NUM_WARPS = 8
 
 
+#: Whether the kernel runs in Triton's interpreter: Triton reads TRITON_INTERPRET when a kernel is decorated, i.e.
+#: when this module is imported, and so does this module (Triton 3.8 reads it again when an interpreted kernel
+#: calls another jit function, so it must stay set while the kernel runs).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return INTERPRETED
 
 
 def available(x: torch.Tensor) -> bool:

@@ -148,3 +148,11 @@ def test_predict_time() -> None:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert number(cells[1]) == 6 and all(number(cell) >= 0 for cell in cells[2:])
         assert number(cells[5]) > 0 and number(cells[7]) > 0  # predict RGB, fused: real seconds
+
+
+def test_fused_compile() -> None:
+    """The fused cascade kernel compiled for sm_90 without a GPU (Triton's compiler and its bundled ptxas)."""
+    out = run_bench("fused_compile.py", "--dtypes", "bf16", "--kernels", "3", "--channels", "16")
+    assert "| dtype | k | channels | warps | BLOCK_N | registers |" in out
+    cells = row(out, "| bf16 | 3 | 16 |")
+    assert number(cells[5]) > 0 and number(cells[7]) > 0  # registers and shared memory, from the compiler

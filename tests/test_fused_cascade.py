@@ -14,15 +14,19 @@ from pathlib import Path
 
 import pytest
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated, i.e. at import: before model.fused_cascade
+# Before Triton is imported: it reads TRITON_INTERPRET when its own library's jit functions and ours are decorated,
+# and again when an interpreted kernel calls one. Left set for the session (nothing else here runs Triton; the
+# fallback test and bench/fused_compile.py clear it for their processes).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton is installed by `make test` (the Makefile's TRITON_SPEC)")
 
 from model import ASYM_3, ASYM_5, AsymConv3d, build_model, set_cascade_path  # noqa: E402
 from model import fused_cascade  # noqa: E402
+
+assert fused_cascade.INTERPRETED, "model.fused_cascade was imported earlier without the interpreter"
 
 REPO = Path(__file__).resolve().parents[1]
 # (batch, in channels, out channels, T, H, W, kernels, channels_last)
