@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned so pip takes the CPU wheel that lies on disk here (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
+# Triton for the fused cascade's tests, run on the CPU by its interpreter (a CUDA torch brings its own Triton).
+# 3.8.0, not 3.6.0: 3.6.0's interpreter fails under numpy 2.4 (int() of a 1-element array); ~16 s from this disk.
+TRITON_SPEC ?= triton==3.8.0
 DEMO_DIR ?= demo_out
 # The device check (bench/gpu_check.py): inputs made here, carried to a GPU machine, run there with its own python3.
 GPU_INPUTS ?= .gpu_check
@@ -20,7 +23,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 

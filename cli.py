@@ -8,15 +8,18 @@ import click
 
 # Choice lists and defaults come from the library they describe (tests/test_cli_options.py walks every option).
 from model.clips import CROP_CHOICES
+from model.checkpoint import CHECKPOINT_CHOICES
 from model.config import SCHEDULES, TrainConfig
+from model.export import EXPORT_FORMATS
+from model.features import FEATURE_LAYERS
 from model.networks import WEIGHT_INITS
-from model.runtime import PRECISIONS
+from model.runtime import DEVICE_HELP, PRECISIONS, check_device, resolve_device
 from pipeline.build_rgbf import DEFAULT_JPEG_QUALITY, DEFAULT_STORAGE, STORAGE
 from pipeline.datasets import DATASET_KINDS
 from pipeline.decode import DecodeConfig
 from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS
 from pipeline.errors import Asym3dError
-from pipeline.flow import BACKENDS, TORCH_SOLVERS
+from pipeline.flow import BACKENDS, TORCH_SOLVERS, TVL1_BACKENDS
 from pipeline.rgbf import DEFAULT_FLOW_BOUND, MODALITIES
 from pipeline.stage import BUILD_MAX_FAILURES, DEFAULT_MAX_FAILURES
 
@@ -273,12 +276,16 @@ def _tvl1_options(func):
                    "instead, made in memory: no flow shard is written, so peak disk ~ the training shards, not 7x "
                    "them")
 @click.option("--keep-flow", is_flag=True, help="with --train-dir: write the flow shards too")
+@click.option("--encode-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --train-dir and --jobs 1: processes computing the training images and JPEG while the one "
+                   "process holding the flow backend decodes ahead and computes flow (0: all in that process)")
 @_build_options
 @click.pass_context
 def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, splits_dir, labels_file,
                      categories_file, keep_file, classes, max_missing, max_failures, size, fps, max_frames, timeout,
                      backend, device, batch_size, solver, videos_per_shard, jobs, scheduler, retry_failed, repair,
-                     overwrite, train_dir, keep_flow, modalities, storage, jpeg_quality, flow_bound, **tvl1) -> None:
+                     overwrite, train_dir, keep_flow, encode_workers, modalities, storage, jpeg_quality, flow_bound,
+                     **tvl1) -> None:
     """Decode the videos under ROOT, compute optical flow, and write resumable HDF5 shards to OUT_DIR.
 
     Split files: a malformed line, unknown class or contradicting label is an error naming file:line; a listed
@@ -294,7 +301,7 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     from pipeline.build_rgbf import FollowOn
     from pipeline.tvl1_params import TVL1Params
 
-    given = [name for name in (*_BUILD_OPTIONS, "keep_flow")
+    given = [name for name in (*_BUILD_OPTIONS, "keep_flow", "encode_workers")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given and train_dir is None:
         raise click.UsageError(f"--{given[0].replace('_', '-')} needs --train-dir")
@@ -303,7 +310,7 @@ def extract_flow_cmd(ctx: click.Context, root: Path, out_dir: Path, kind: str, s
     cfg = ExtractConfig(decode=DecodeConfig(height=size[0], width=size[1], fps=fps, max_frames=max_frames,
                                             timeout_s=timeout),
                         backend=backend, tvl1=TVL1Params(**tvl1), device=device, batch_size=batch_size,
-                        solver=solver, videos_per_shard=videos_per_shard)
+                        solver=solver, videos_per_shard=videos_per_shard, encode_workers=encode_workers)
     _check_runner(jobs, scheduler)
     index = index_dataset(kind, root, splits_dir=splits_dir, labels_file=labels_file, categories_file=categories_file,
                           keep_file=keep_file, classes=classes, max_missing=max_missing)
@@ -432,6 +439,10 @@ def make_demo_data_cmd(out: Path, classes: int, videos_per_class: int, groups: i
                f"{len(summary.class_names)} classes; videos in {summary.video_root}, splits in {summary.split_dir}")
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return check_device(value)  # its ConfigError names --device; main prints it in one line
+
+
 def _schedules_text() -> str:
     """The presets of model.config.SCHEDULES in words, for --schedule's help (a preset's missing keys keep
     TrainConfig's defaults)."""
@@ -449,8 +460,10 @@ def _schedules_text() -> str:
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", required=True, help="network name (see `asym3d models`)")
 @click.option("--input", "modality", type=click.Choice(MODALITIES), default=TrainConfig.input, show_default=True)
-@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True, help="train on this split")
-@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN")
+@click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
+              help="train on this split, into OUT")
+@click.option("--splits", help="comma-separated, e.g. 1,2,3: one run per split into OUT/splitN (evaluate reads either "
+                               "layout from run.json)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run dir")
 @click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=TrainConfig.schedule, show_default=True,
               help=f"paper §4.3 presets: {_schedules_text()}. Options below override")
@@ -461,11 +474,12 @@ def _schedules_text() -> str:
 @click.option("--lr-step", type=click.IntRange(min=0), help="epochs between learning-rate decays (0: none)")
 @click.option("--workers", type=click.IntRange(min=0),
               help=f"data loader processes [default: {TrainConfig.workers}]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clip", default="16x112x112", show_default=True, callback=_parse_clip,
               help=f"frames x crop x crop; the crop must fit the stored frames ({DecodeConfig.height}x"
-                   f"{DecodeConfig.width} by default)")
+                   f"{DecodeConfig.width} by default) and the network's weights, gradients and momentum the "
+                   "device's memory")
 @click.option("--batch-norm", is_flag=True, help="BatchNorm after every convolution (not in the paper)")
 @click.option("--dropout", type=_Finite(0, 1, max_open=True),
               help=f"dropout rate after fc6 and fc7 [default: {TrainConfig.dropout:g}, the paper's]")
@@ -484,7 +498,9 @@ def _schedules_text() -> str:
               help="largest fraction of planned videos that may be absent from the shards")
 @click.option("--max-bad-videos", type=click.IntRange(min=0), default=10, show_default=True,
               help="videos whose stored frames cannot be read are skipped and counted; more than this stops the run")
-def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None, out_dir: Path,
+@click.pass_context
+def train_cmd(ctx: click.Context, shard_dir: Path, model_name: str, modality: str, split: int, splits: str | None,
+              out_dir: Path,
               schedule: str, epochs, batch_size, lr, lr_step, workers, device: str, seed: int,
               clip: tuple[int, int, int], batch_norm: bool, dropout: float | None, weight_init: str | None,
               init: Path | None, resume: bool, compile_: bool, precision: str, max_missing: float,
@@ -500,6 +516,8 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 
     if clip[1] != clip[2]:
         raise click.BadParameter(f"the crop must be square, got {clip[1]}x{clip[2]}", param_hint="--clip")
+    if splits and ctx.get_parameter_source("split") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give --split N or --splits N,M,.., not both")
     cfg = make_config(schedule, shard_dir=str(shard_dir), out_dir=str(out_dir), model=model_name,
                       input=modality, split=split, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                       workers=workers, device=device, seed=seed, clip_len=clip[0], crop=clip[1],
@@ -524,7 +542,7 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
 @click.option("--crops", type=click.Choice([str(n) for n in CROP_CHOICES]), default="10", show_default=True,
               help="10: centre + 4 corners, each also mirrored; 1: centre only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True, help="views per batch")
-@click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="data loader workers")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="report directory [default: RUN_DIR/eval, or RUN_A/eval/fused_A+B with --fuse]")
@@ -534,9 +552,10 @@ def train_cmd(shard_dir: Path, model_name: str, modality: str, split: int, split
               help="also write features_splitN.npz: that layer's ReLU output averaged over each video's views")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the markdown table")
 def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None, checkpoints: tuple[str, ...],
-                 clips: int, crops: str, batch_size: int, device: str | None, workers: int, out: Path | None,
+                 clips: int, crops: str, batch_size: int, device: str, workers: int, out: Path | None,
                  fuse: bool, weights: str | None, feature_layer: str | None, as_json: bool) -> None:
-    """Test RUN_DIR's per-split checkpoints (RUN_DIR/splitN/best.pt) with the paper's 25 clips x 10 crops.
+    """Test RUN_DIR's checkpoints with the paper's 25 clips x 10 crops: RUN_DIR/splitN/best.pt of a --splits run,
+    RUN_DIR/best.pt of a --split N run (run.json says which split it holds).
 
     Writes to --out: results.md/.json (per split top-1, top-5, mean class accuracy; mean and std over splits),
     per_class_splitN.csv, confusion_splitN.png and scores_splitN.npz. With --fuse RUN_A RUN_B: the weighted mean
@@ -547,7 +566,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     from model.evaluate import evaluate_run
     from model.results import parse_splits
     from model.fusion import fuse_runs, parse_weights
-    from pipeline.devices import check_device
 
     split_list = parse_splits(splits)
     if fuse:
@@ -558,8 +576,6 @@ def evaluate_cmd(run_dirs: tuple[Path, ...], splits: str, shard_dir: Path | None
     else:
         if len(run_dirs) != 1 or weights:
             raise click.UsageError("give one RUN_DIR (several, and --weights, only with --fuse)")
-        if device:
-            check_device(device)
         summary = evaluate_run(run_dirs[0], split_list, checkpoints=checkpoints, shard_dir=shard_dir, out=out,
                                clips=clips, crops=int(crops), batch_size=batch_size, device=device,
                                workers=workers, feature_layer=feature_layer)
@@ -588,16 +604,15 @@ def _predict_options(func):
     for option in reversed([
         click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
                      help="RUN/splitN/ for runs trained with --splits"),
-        click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best",
+        click.option("--checkpoint", "choice", type=click.Choice(CHECKPOINT_CHOICES), default="best",
                      show_default=True),
         click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
                      help="read how the input is made from these training shards' dataset.json (for checkpoints "
                           "written before checkpoints carried it)"),
         click.option("--batch-size", type=click.IntRange(min=1), default=30, show_default=True,
                      help="views per batch"),
-        click.option("--device", help="cuda, cuda:1 or cpu [default: cuda if available]"),
-        # model.predict.TVL1_BACKENDS, written out so that the CLI starts without importing torch (a test compares)
-        click.option("--flow-backend", type=click.Choice(["auto", "cpu", "cuda", "torch"]), default="auto",
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP, callback=_check_device),
+        click.option("--flow-backend", type=click.Choice(TVL1_BACKENDS), default="auto",
                      show_default=True,
                      help="TV-L1 runs: which TV-L1 computes the flow (as extract-flow --backend)"),
     ]):
@@ -616,7 +631,7 @@ def _predict_options(func):
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list (one entry per video) at the end")
 @click.option("--csv", "as_csv", is_flag=True, help="print CSV rows: video,rank,class,probability")
 def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
-                device: str | None, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
+                device: str, flow_backend: str, clips: int, crops: str, weights: str | None, top_k: int,
                 as_json: bool, as_csv: bool) -> None:
     """Classify videos: RUN [RUN ...] VIDEO_OR_DIR ...
 
@@ -627,16 +642,14 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
     """
     import json
 
-    from model.evaluate import default_device
     from model.fusion import parse_weights
     from model.predict import find_videos, load_run, predict_videos
-    from pipeline.devices import check_device
 
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
     run_paths, inputs = _split_runs(paths)
     weight_list = parse_weights(weights) if weights else None
-    device = check_device(device or default_device())
+    device = str(resolve_device(device))
     runs = [load_run(path, split=split, choice=choice, shards=shard_dir) for path in run_paths]
     classes = runs[0].classes
     results, failed = [], 0
@@ -666,7 +679,7 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
 @main.command("features")
 @click.argument("paths", nargs=-1, required=True, type=_existing_path())
 @_predict_options
-@click.option("--layer", type=click.Choice(["fc6", "fc7", "pool5"]), default="fc6", show_default=True,  # FEATURE_LAYERS
+@click.option("--layer", type=click.Choice(tuple(FEATURE_LAYERS)), default="fc6", show_default=True,
               help="fc6/fc7: after their ReLU; pool5: flattened")
 @click.option("--stride", type=click.IntRange(min=1), default=8, show_default=True,
               help="frames between the starts of consecutive windows (a window is the run's clip length)")
@@ -674,7 +687,7 @@ def predict_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pat
                                                "[default: the centre crop]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the .h5 file")
 def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Path | None, batch_size: int,
-                 device: str | None, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
+                 device: str, flow_backend: str, layer: str, stride: int, ten_crop: bool, out: Path) -> None:
     """C3D-style features: RUN [VIDEO_OR_DIR ...], or RUN --shards SHARD_DIR for every video stored there.
 
     One vector per window of the run's clip length every --stride frames, and per video their mean, keyed by video
@@ -682,16 +695,14 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
     (an interrupted run keeps what it finished in OUT.parts/); a video that cannot be used is one line on stderr
     and the rest go on (exit status 1 then).
     """
-    from model.evaluate import default_device
     from model.features import check_writable, extract_features, shard_sources, video_sources
     from model.predict import find_videos, load_run
-    from pipeline.devices import check_device
 
     run_paths, inputs = _split_runs(paths, inputs_required=shard_dir is None)
     if len(run_paths) != 1:
         raise click.UsageError("give one RUN")
     check_writable(out)
-    device = check_device(device or default_device())
+    device = str(resolve_device(device))
     run = load_run(run_paths[0], split=split, choice=choice, shards=shard_dir)
     sources = (video_sources(run, find_videos(inputs), flow_backend, device) if inputs
                else shard_sources(run, shard_dir))
@@ -706,7 +717,7 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
 
 @main.command("export")
 @click.argument("run_path", metavar="RUN", type=_existing_path())
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True,  # EXPORT_FORMATS
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="onnx needs pip install 'asym3d[onnx]'")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the file to write")
 @click.option("--check", "check_videos", multiple=True, type=_existing_path(dir_okay=False),
@@ -714,7 +725,7 @@ def features_cmd(paths: tuple[Path, ...], split: int, choice: str, shard_dir: Pa
                    "against PyTorch [default: seeded random views]")
 @click.option("--split", type=click.IntRange(min=1), default=1, show_default=True,
               help="RUN/splitN/ for runs trained with --splits")
-@click.option("--checkpoint", "choice", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--checkpoint", "choice", type=click.Choice(CHECKPOINT_CHOICES), default="best", show_default=True)
 @click.option("--shards", "shard_dir", type=_existing_path(file_okay=False),
               help="with --check, for checkpoints that predate the schema: the training shards")
 def export_cmd(run_path: Path, fmt: str, out: Path, check_videos: tuple[Path, ...], split: int, choice: str,

@@ -194,7 +194,8 @@ def main() -> None:
     for name, label in reading_rows:
         wall, cpu, frames = reading[name]
         print(f"| {label} | {frames} | {wall:.0f} | {cpu:.0f} | {1000 / cpu:.3f} |")
-    for name, label in (("after", "CPU per view, after / before"), ("items", "host CPU per view on a GPU, after / before")):
+    ratios = (("after", "CPU per view, after / before"), ("items", "host CPU per view on a GPU, after / before"))
+    for name, label in ratios:
         print(f"| {label} | {reading[name][2] / reading['before'][2]:.2f}x | | | "
               f"{reading['before'][1] / reading[name][1]:.2f}x |")
     print(f"\nBuilding the 10 views (3x16x112x112) from uint8 clips on the CPU (a GPU's part when evaluating there): "

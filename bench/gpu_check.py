@@ -18,8 +18,13 @@ Sections (each checks, then times; a failed check or an error fails its section,
 - train: the trainer itself (``model.train.train``: bf16 autocast, channels_last_3d and cuDNN autotuning on CUDA)
   overfits c3d-b5, b5-asyConv345, b5-M2 and asym3d on real clips, eager and with ``--compile`` (loss finite and
   falling); one resumed epoch; a checkpoint round trip.
-- steps: the step time at the paper's batch 16 and 16x112x112 of every b5/b8 asymmetric variant, the MicroNets and
-  asym3d as a ratio to its baseline, beside the MAC ratio and the paper's Table 2 ratio.
+- steps (issue 25): training-step time at 16x112x112 of the b5 family, c3d-b8, b8-asyConv345 and asym3d as a ratio
+  to the baseline, beside the MAC ratio and the paper's Table 2 ratio, per cell of precision (fp32, tf32, bf16) x
+  batch (16, 64) x mode (eager, CUDA graph, compiled) -- :class:`SpeedPlan` orders them and says what they cost.
+- stages: each conv stage's forward + backward alone, c3d-b5 vs b5-asyConv345 and c3d-b8 vs b8-asyConv345, beside
+  its arithmetic and fewest-bytes floors, with the profiler's kernel list.
+- fused: the fused cascade's Triton kernel against the eager cascade (agreement on fresh random inputs of the real
+  stage shapes), then per stage and per training step beside the eager cascade.
 - loader: training clips/s from the carried JPEG shards with N DataLoader workers against the trainer's demand.
 - evaluate: a checkpoint trained on the device evaluated on the device and on the CPU (same predictions); views/s of
   the paper's 25 clips x 10 crops protocol.
@@ -35,10 +40,10 @@ Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/rea
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
 ~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...``: one call runs at most 600 s, and the sections'
-limits add up to 715 s, so run ``GPU_SECTIONS=extract`` (330 s, timeout_s ~400) and the others (385 s, timeout_s
-~460) as two calls. Everything else it imports (torch,
-numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the device's image; OpenCV contrib is never
-imported there (its TV-L1 references are computed here).
+limits add up to 1,085 s, so run them as three calls: ``GPU_SECTIONS=extract`` (330 s, timeout_s ~400),
+``GPU_SECTIONS=steps,stages,fused`` (issue 25: 410 s, timeout_s 540) and the others (345 s, timeout_s ~420).
+Everything else it imports (torch, triton, numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the
+device's image; OpenCV contrib is never imported there (its TV-L1 references are computed here).
 
 Smoke (what the tests run): ``bench/gpu_check.py --prepare DIR --smoke && bench/gpu_check.py --inputs DIR --smoke
 --out OUT`` (under 3 minutes on 2 CPU cores).
@@ -91,8 +96,77 @@ PAPER_S_PER_ITER = {
     "b8-asyConv35": 0.97, "b8-asyConv45": 0.97, "b8-asyConv345": 0.93,
 }
 COMPILE_NEEDS_S = 30.0  # a compiled overfit run starts only with this much of the section left (compile time)
+FUSED_FP32_BOUND = 1e-5  # of the output's scale: the CPU interpreter measured 2e-7 (tests/test_fused_cascade.py)
+FUSED_BF16_EXTRA = 2 ** -9  # of the scale, above the eager bf16 cascade's own error (as in the tests)
 EPE_BOUND = 0.05  # px, mean end-point error against OpenCV's CPU TV-L1 (issue 11's exactness contract)
 REAL_CLIPS = [REPO.parent / "shared" / "data" / "real_clips", REPO / "tests" / "data" / "real_clips"]
+
+
+# ------------------------------------------------------------------------------------------------ speed plan
+
+
+Cell = tuple[str, int, str, tuple[str, ...]]  # (precision, batch, mode, nets): one round-robin of training steps
+B5_FAMILY = tuple(n for n in model.list_models() if n == "c3d-b5" or n.startswith("b5-"))
+PAIRS = ("c3d-b5", "b5-asyConv345", "c3d-b8", "b8-asyConv345", "asym3d")  # issue 25's goal networks
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """What the speed sections measure (issue 25), cells in priority order: a section's time limit cuts the last.
+
+    Estimate for FULL from the H200's run 2 (bf16, batch 16, eager: 10-14 ms per step, 21 nets in 34 s with building
+    and cuDNN autotuning, ~1.6 s a net): bf16 eager cells ~25 s (batch 16) and ~35 s (batch 64) for 16 nets; graph
+    cells ~2 s a net; tf32 and fp32 eager cells ~15-30 s for 5 nets (fp32 without tensor cores: ~40-300 ms a step);
+    a compiled cell ~15 s of compiling a net (run 1: 9-15 s more than eager per overfit run). steps' 250 s cover
+    the bf16, tf32 and fp32 eager and graph cells and the first compiled cell; the later compiled cells run if time
+    is left. stages ~30 s a batch size, fused ~60 s with Triton's compiling. With ~20 s of start-up the three
+    sections fit one call of under 8 minutes."""
+
+    clip: tuple[int, int, int]
+    rounds: int  # timed rounds
+    warmup: int  # untimed rounds first
+    cells: tuple[Cell, ...]
+    stage_pairs: tuple[tuple[str, str], ...]  # (baseline, variant) broken down per stage
+    stage_batches: tuple[int, ...]
+    stage_kernels: int  # profiler kernels listed per stage and net (at the first stage batch)
+    fused_shapes: tuple[tuple[int, int, int, int, int, int], ...]  # (C, N, T, H, W, k) at batch 2; k 3: ASYM_3
+    fused_stage_nets: tuple[str, ...]  # eager vs fused cascade per stage, bf16 at the first stage batch
+    fused_cells: tuple[Cell, ...]  # training steps with "<net> fused" beside the eager nets
+
+
+SPEED_FULL = SpeedPlan(
+    clip=(16, 112, 112), rounds=10, warmup=2,
+    cells=(("bf16", 16, "eager", B5_FAMILY + PAIRS[2:]), ("bf16", 64, "eager", B5_FAMILY + PAIRS[2:]),
+           ("bf16", 16, "graphs", PAIRS), ("bf16", 64, "graphs", PAIRS),
+           ("tf32", 16, "eager", PAIRS), ("tf32", 64, "eager", PAIRS),
+           ("fp32", 16, "eager", PAIRS), ("fp32", 64, "eager", PAIRS),
+           ("tf32", 16, "graphs", PAIRS), ("fp32", 16, "graphs", PAIRS),
+           ("bf16", 16, "compiled", PAIRS),
+           ("tf32", 64, "graphs", PAIRS), ("fp32", 64, "graphs", PAIRS),
+           ("bf16", 64, "compiled", PAIRS), ("tf32", 16, "compiled", PAIRS), ("fp32", 16, "compiled", PAIRS)),
+    stage_pairs=(("c3d-b5", "b5-asyConv345"), ("c3d-b8", "b8-asyConv345")), stage_batches=(16, 64),
+    stage_kernels=8,
+    # the cascades of b5 conv3-5, b8 conv3-5 and asym3d's MicroNets (M2's left column, M3's middle) at batch 2
+    fused_shapes=((128, 256, 8, 28, 28, 3), (256, 256, 4, 14, 14, 3), (256, 256, 2, 7, 7, 3),
+                  (128, 256, 8, 28, 28, 5), (256, 512, 4, 14, 14, 5), (512, 512, 2, 7, 7, 5),
+                  (16, 32, 8, 28, 28, 5), (192, 256, 2, 7, 7, 3)),
+    fused_stage_nets=("b5-asyConv345", "b8-asyConv345"),
+    fused_cells=(("bf16", 16, "eager", ("c3d-b5", "b5-asyConv345", "b5-asyConv345 fused", "c3d-b8", "b8-asyConv345",
+                                        "b8-asyConv345 fused", "asym3d", "asym3d fused")),
+                 ("bf16", 16, "graphs", ("b5-asyConv345", "b5-asyConv345 fused", "b8-asyConv345",
+                                         "b8-asyConv345 fused")),
+                 ("bf16", 64, "eager", ("b5-asyConv345", "b5-asyConv345 fused", "b8-asyConv345",
+                                        "b8-asyConv345 fused"))),
+)
+SPEED_SMOKE = SpeedPlan(
+    clip=(16, 32, 32), rounds=1, warmup=0,
+    cells=(("bf16", 2, "eager", ("c3d-b5", "b5-asyConv3", "b5-M2", "c3d-b8", "b8-asyConv3", "asym3d")),
+           ("fp32", 2, "eager", ("c3d-b5", "b5-asyConv345")), ("bf16", 2, "graphs", ("c3d-b5", "b5-asyConv345"))),
+    stage_pairs=(("c3d-b5", "b5-asyConv345"),), stage_batches=(2,), stage_kernels=3,
+    fused_shapes=((5, 16, 3, 4, 5, 3), (20, 24, 2, 3, 17, 5)),
+    # b5-M4's cascades are small (conv5 at 2x2x2): the interpreter runs its fused step in seconds, not minutes
+    fused_stage_nets=(), fused_cells=(("fp32", 1, "eager", ("b5-M4", "b5-M4 fused")),),
+)
 
 
 @dataclass(frozen=True)
@@ -107,10 +181,7 @@ class Plan:
     overfit_models: list[str]
     compile_models: list[str]
     overfit: dict[str, Any]  # TrainConfig fields of the overfit runs
-    step_models: list[str]
-    step_batch: int
-    step_clip: tuple[int, int, int]
-    step_rounds: int
+    speed: SpeedPlan  # the sections steps, stages and fused (issue 25)
     loader_workers: list[int]
     loader_batches: int
     eval_compare_clips: int
@@ -121,6 +192,7 @@ class Plan:
     extract_solvers: list[str]
     extract_max_frames: int
     extract_pairs: int  # real pairs end to end: the carried clips repeated under new names until there are this many
+    extract_encode_workers: list[int]  # --encode-workers per end-to-end run (0: the backend's process does it all)
     solver_batch: int  # the solver alone, per solver mode (see section_extract)
     solver_modes: list[str]
     limits: dict[str, float] = field(default_factory=dict)  # section -> seconds
@@ -140,8 +212,7 @@ FULL = Plan(
     overfit_models=["c3d-b5", "b5-asyConv345", "b5-M2", "asym3d"],
     compile_models=["c3d-b5", "b5-asyConv345", "b5-M2", "asym3d"],
     overfit={"clip_len": 16, "crop": 112, "batch_size": 4, "epochs": 8, "lr": 1e-4, "dropout": 0.0, "workers": 4},
-    step_models=[n for n in model.list_models() if n.startswith(("c3d-", "b5-", "b8-")) or n == "asym3d"],
-    step_batch=16, step_clip=(16, 112, 112), step_rounds=10,
+    speed=SPEED_FULL,
     loader_workers=[0, 2, 4, 8, 16], loader_batches=40,
     eval_compare_clips=2, eval_batches=[30, 250], eval_workers=8,
     tvl1_solvers=["eager", "compiled", "fused"],
@@ -150,10 +221,10 @@ FULL = Plan(
                                            ("Basketball", "g02_c03"), ("Biking", "g05_c02"), ("HeadMassage", "g02_c05"),
                                            ("PlayingGuitar", "g16_c02"), ("Punch", "g03_c01"), ("PushUps", "g02_c03"),
                                            ("Shotput", "g05_c02"))],
-    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000,
+    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000, extract_encode_workers=[0, 8],
     solver_batch=1024, solver_modes=["compiled", "reduce-overhead"],
-    limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 40, "loader": 20, "evaluate": 30, "ddp": 15,
-            "predict": 40},
+    limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 250, "stages": 70, "fused": 90, "loader": 20,
+            "evaluate": 30, "ddp": 15, "predict": 40},
 )
 SMOKE = Plan(
     flow_sources={"171x128": [(UCF("PushUps", "g02_c03"), 20, 3)], "340x256": [(TAI_CHI, 40, 2)]},
@@ -163,15 +234,14 @@ SMOKE = Plan(
     overfit_models=["c3d-b5", "asym3d"],
     compile_models=[],
     overfit={"clip_len": 16, "crop": 16, "batch_size": 2, "epochs": 8, "lr": 1e-4, "dropout": 0.0, "workers": 1},
-    step_models=["c3d-b5", "b5-asyConv3", "b5-M2", "asym3d", "c3d-b8", "b8-asyConv3"],
-    step_batch=2, step_clip=(16, 32, 32), step_rounds=1,
+    speed=SPEED_SMOKE,
     loader_workers=[0, 1], loader_batches=2,
     eval_compare_clips=1, eval_batches=[30], eval_workers=0,
     tvl1_solvers=["eager", "fused"],
     extract_clips=[UCF("PushUps", "g02_c03"), TAI_CHI], extract_solvers=["eager"], extract_max_frames=3,
-    extract_pairs=8, solver_batch=2, solver_modes=["eager"],
-    limits={"tvl1": 60, "extract": 90, "train": 60, "steps": 30, "loader": 20, "evaluate": 30, "ddp": 20,
-            "predict": 60},
+    extract_pairs=8, extract_encode_workers=[1], solver_batch=2, solver_modes=["eager"],
+    limits={"tvl1": 60, "extract": 150, "train": 60, "steps": 60, "stages": 60, "fused": 90, "loader": 20,
+            "evaluate": 30, "ddp": 20, "predict": 60},
 )
 
 
@@ -366,34 +436,38 @@ def section_extract(ctx: Context, sec: Section) -> None:
     frames = json.loads((ctx.inputs / "videos.json").read_text())
     repeat = max(1, math.ceil(ctx.plan.extract_pairs / sum(n - 1 for n in frames.values())))
     sec.lines += [f"`asym3d extract-flow ROOT FLOW --train-dir TRAIN --dataset folder --backend torch --solver S "
-                  f"--device {ctx.device.type} --jobs 1 --max-frames {ctx.plan.extract_max_frames}` in one process "
+                  f"--device {ctx.device.type} --jobs 1 --max-frames {ctx.plan.extract_max_frames} --encode-workers "
+                  "W` in one process "
                   f"(bench/extract_e2e.py): {len(frames)} real clips x {repeat} names, from the videos to JPEG training "
                   "shards. Solver = the TV-L1 calls, synchronised; share = solver / wall (wall includes start-up, "
-                  "the compile of a cold cache, decoding, writing). Peak host = the process's max RSS (ffmpeg "
-                  "children apart); peak device = the allocator's peak.", "",
-                  "| solver | videos ok | pairs | wall s | pairs/s | solver s | solver share | peak host GiB | "
-                  "peak ffmpeg GiB | peak device GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for solver in ctx.plan.extract_solvers:
-        if not sec.has_time(f"extract-flow --train-dir --solver {solver}"):
+                  "the compile of a cold cache, decoding, writing). Peak host = the process's max RSS (its children "
+                  "apart: the largest ffmpeg is the next column, encode workers are not counted); peak device = the allocator's peak.", "",
+                  "| solver | encode workers | videos ok | pairs | wall s | pairs/s | solver s | solver share | "
+                  "peak host GiB | peak ffmpeg GiB | peak device GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for solver, workers in ((s, w) for s in ctx.plan.extract_solvers for w in ctx.plan.extract_encode_workers):
+        what = f"--solver {solver} --encode-workers {workers}"
+        if not sec.has_time(f"extract-flow --train-dir {what}"):
             continue
         command = [sys.executable, str(BENCH / "extract_e2e.py"), str(ctx.inputs / "videos"),
-                   str(ctx.work / f"e2e-{solver}"), "--repeat", str(repeat), "--", "--backend", "torch", "--solver",
-                   solver, "--device", ctx.device.type, "--max-frames", str(ctx.plan.extract_max_frames)]
+                   str(ctx.work / f"e2e-{solver}-{workers}"), "--repeat", str(repeat), "--", "--backend", "torch",
+                   "--solver", solver, "--device", ctx.device.type, "--max-frames", str(ctx.plan.extract_max_frames),
+                   "--encode-workers", str(workers)]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(sec.left(), 10))
         report = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
         ran = report is not None and report["exit"] == 0
-        sec.check(ran, f"extract-flow --train-dir --solver {solver}")
+        sec.check(ran, f"extract-flow --train-dir {what}")
         if not ran:
-            sec.lines += [f"| {solver} | failed | | | | | | | | |", "", "```",
+            sec.lines += [f"| {solver} | {workers} | failed | | | | | | | | |", "", "```",
                           *(done.stdout + done.stderr).strip().splitlines()[-15:], "```", ""]
             continue
         sec.check(report["videos_ok"] == report["videos"] and report["pairs"] >= ctx.plan.extract_pairs,
-                  f"--solver {solver}: {report['videos_ok']} of {report['videos']} videos, {report['pairs']} pairs")
-        sec.lines.append(f"| {solver} | {report['videos_ok']} | {report['pairs']} | {report['wall_s']:.1f} | "
-                         f"{report['pairs'] / report['wall_s']:.1f} | {report['solver_s']:.1f} | "
+                  f"{what}: {report['videos_ok']} of {report['videos']} videos, {report['pairs']} pairs")
+        sec.lines.append(f"| {solver} | {workers} | {report['videos_ok']} | {report['pairs']} | "
+                         f"{report['wall_s']:.1f} | {report['pairs'] / report['wall_s']:.1f} | {report['solver_s']:.1f} | "
                          f"{report['solver_s'] / report['wall_s']:.2f} | {report['peak_host_gib']} | "
                          f"{report['peak_ffmpeg_gib']} | {report['peak_device_gib'] or 'n/a'} |")
-        log(f"extract: --train-dir --solver {solver}: {report['pairs']} pairs in {report['wall_s']:.1f} s "
+        log(f"extract: --train-dir {what}: {report['pairs']} pairs in {report['wall_s']:.1f} s "
             f"(solver {report['solver_s']:.1f} s)")
     solver_alone(ctx, sec)
 
@@ -510,40 +584,195 @@ def checkpoint_round_trip(ctx: Context, sec: Section, path: Path) -> str:
             f"{same_weights}, outputs on {ctx.device.type} equal {same_outputs}: {ok}.")
 
 
-def section_steps(ctx: Context, sec: Section) -> None:
-    """Training step of every network at the paper's batch, as the trainer runs it, timed per family round-robin."""
-    plan = ctx.plan
+def speed_setup(ctx: Context, precision: str, batch: int, mode: str = "eager") -> step_time.Setup:
+    """A step as the trainer runs it on this device: channels_last_3d and cuDNN autotuning on CUDA."""
     cuda = ctx.device.type == "cuda"
-    args = argparse.Namespace(device=ctx.device, batch=plan.step_batch, clip=plan.step_clip, channels_last=cuda,
-                              compile=False, amp=cuda)
-    clip_text = "x".join(map(str, plan.step_clip))
-    sec.lines += [f"Forward + cross-entropy + backward + SGD step at batch {plan.step_batch}, "
-                  f"{clip_text}, {'bf16 autocast, channels_last_3d, cuDNN autotuning' if cuda else 'float32'}; "
-                  f"fastest of {plan.step_rounds} round-robin rounds after 2 warm-up rounds (bench/step_time.py).",
-                  "", "| network | GMACs | MAC ratio | step ms | time ratio | paper ratio (Table 2) | clips/s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-    torch.backends.cudnn.benchmark = True
-    families: dict[str, list[str]] = {}
-    for name in plan.step_models:
-        families.setdefault(model.get_spec(name).baseline, []).append(name)
-    for baseline, members in families.items():
-        names = [baseline] + [n for n in members if n != baseline]
-        if not sec.has_time(f"step times of the {baseline} family"):
+    torch.backends.cudnn.benchmark = cuda
+    step_time.use_precision(precision)
+    return step_time.Setup(ctx.device, batch, ctx.plan.speed.clip, precision, mode, channels_last=cuda)
+
+
+def release(ctx: Context) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_cell(ctx: Context, sec: Section, cell: Cell) -> dict[str, float] | None:
+    """One round-robin of training steps: a table row per net with its ratio to its family's baseline."""
+    precision, batch, mode, nets = cell
+    speed = ctx.plan.speed
+    if mode == "graphs" and ctx.device.type != "cuda":
+        sec.lines += [f"#### {precision}, batch {batch}, {mode}", "", "Not run: CUDA graphs need a CUDA device.", ""]
+        return None
+    setup = speed_setup(ctx, precision, batch, mode)
+    steps = {}
+    for label in nets:
+        net, path = step_time.build(label, speed.clip)
+        steps[label] = step_time.train_step(net, dataclasses.replace(setup, cascade=path))
+    times = step_time.round_robin(steps, speed.rounds, speed.warmup, ctx.device)
+    del steps
+    release(ctx)
+    step_s = {label: step_time.cost(t, ctx.device) for label, t in times.items()}
+    sec.lines += [f"#### {setup.describe()}", "",
+                  "| network | GMACs | MAC ratio | step ms | time ratio | paper ratio (Table 2) | clips/s | x eager "
+                  "cascade |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in nets:
+        name = label.split(" ")[0]
+        baseline = model.get_spec(name).baseline
+        macs, base_macs = (model.count(n, clip=speed.clip)[1] for n in (name, baseline))
+        ratio = f"{step_s[label] / step_s[baseline]:.2f}" if baseline in step_s else ""
+        paper = f"{PAPER_S_PER_ITER[name] / PAPER_S_PER_ITER[baseline]:.2f}" if name in PAPER_S_PER_ITER else ""
+        fused = f"{step_s[label] / step_s[name]:.2f}" if label != name and name in step_s else ""
+        sec.lines.append(f"| {label} | {macs / 1e9:.2f} | {macs / base_macs:.2f} | {step_s[label] * 1e3:.1f} | "
+                         f"{ratio} | {paper} | {batch / step_s[label]:.1f} | {fused} |")
+    sec.lines.append("")
+    log(f"{sec.name}: {setup.describe()}: {len(nets)} networks timed")
+    return step_s
+
+
+def cell_needs_s(cell: Cell) -> float:
+    """Time a cell must have left to start: a compiled one compiles every net first (~15 s each on the H200)."""
+    return 15.0 * len(cell[3]) if cell[2] == "compiled" else 0.0
+
+
+def section_steps(ctx: Context, sec: Section) -> None:
+    """Training steps per (precision, batch, mode) cell, each net against its baseline; then the ratios side by side."""
+    speed = ctx.plan.speed
+    sec.lines += [f"Forward + cross-entropy + backward + fused SGD step at {'x'.join(map(str, speed.clip))}"
+                  f"{', channels_last_3d, cuDNN autotuning' if ctx.device.type == 'cuda' else ''}; fastest of "
+                  f"{speed.rounds} round-robin rounds after {speed.warmup} warm-up rounds (bench/step_time.py). fp32: "
+                  "TF32 off; tf32: TF32 on for convolutions and matmuls; bf16: autocast. graphs: the whole step "
+                  "captured in one CUDA graph and replayed; compiled: torch.compile (compiling in the warm-up).", ""]
+    ratios: dict[str, dict[str, float]] = {}
+    for cell in speed.cells:
+        what = f"{cell[0]} batch {cell[1]} {cell[2]}"
+        if not sec.has_time(what, needs_s=cell_needs_s(cell)):
             continue
-        macs = {n: model.count(n, clip=plan.step_clip)[1] for n in names}
-        steps = {n: step_time.train_step(model.build_model(n, clip=plan.step_clip), args) for n in names}
-        times = step_time.round_robin(steps, plan.step_rounds, 2, ctx.device)
-        del steps
-        base_s = times[baseline][0]
-        for n in names:
-            wall = times[n][0]
-            paper = (f"{PAPER_S_PER_ITER[n] / PAPER_S_PER_ITER[baseline]:.2f}" if n in PAPER_S_PER_ITER else "")
-            sec.lines.append(f"| {n} | {macs[n] / 1e9:.2f} | {macs[n] / macs[baseline]:.2f} | {wall * 1e3:.1f} | "
-                             f"{wall / base_s:.2f} | {paper} | {plan.step_batch / wall:.1f} |")
-            ctx.shared.setdefault("clips_per_s", {})[n] = plan.step_batch / wall
-        log(f"train: step times of {len(names)} networks of the {baseline} family measured")
-        if cuda:
-            torch.cuda.empty_cache()
+        step_s = sec.attempt(what, lambda: run_cell(ctx, sec, cell))
+        if not step_s:
+            continue
+        for name in step_s:
+            baseline = model.get_spec(name).baseline
+            if baseline in step_s and name != baseline:
+                ratios.setdefault(name, {})[what] = step_s[name] / step_s[baseline]
+        if cell[:3] == ("bf16", 16, "eager") or not ctx.shared.get("clips_per_s"):  # the trainer's default
+            ctx.shared["clips_per_s"] = {n: cell[1] / t for n, t in step_s.items()}
+    goal_nets = [n for n in PAIRS if n in ratios]
+    if goal_nets:
+        columns = list(dict.fromkeys(c for n in goal_nets for c in ratios[n]))
+        sec.lines += ["Step-time ratio to the baseline in every cell measured, beside the MAC ratio + 0.05 "
+                      "(issue 25's goal: at most that in bf16).", "",
+                      "| network | MAC ratio + 0.05 | " + " | ".join(columns) + " |",
+                      "|---|---:|" + "---:|" * len(columns)]
+        for name in goal_nets:
+            macs = model.count(name, clip=speed.clip)[1] / model.count(model.get_spec(name).baseline,
+                                                                      clip=speed.clip)[1]
+            cells = [f"{ratios[name][c]:.2f}" if c in ratios[name] else "" for c in columns]
+            sec.lines.append(f"| {name} | {macs + 0.05:.2f} | " + " | ".join(cells) + " |")
+
+
+def stage_table(ctx: Context, sec: Section, nets: list[str], setup: step_time.Setup, kernels: int) -> None:
+    """Forward + backward of each conv stage (with its pool) of ``nets``, timed round-robin, beside its floors."""
+    peak = step_time.device_peak(ctx.device)
+    rows, kernel_lists = step_time.stage_costs(nets, setup, ctx.plan.speed.rounds, ctx.plan.speed.warmup, kernels)
+    release(ctx)
+    total = {net: sum(row[i].seconds for row in rows) for i, net in enumerate(nets)}
+    sec.lines += [f"#### {' vs '.join(nets)}: {setup.describe()}", "",
+                  "| stage | network | what | GMACs/clip | min MB | ms | share | MAC ratio | time ratio | "
+                  "MAC floor ms | bytes floor ms | x floor |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        base = row[0]
+        for cost in row:
+            floors = cost.floors(setup, peak)
+            floor_cells = (f"{floors[0] * 1e3:.3f} | {floors[1] * 1e3:.3f} | {cost.seconds / max(floors):.1f}"
+                           if floors else "n/a | n/a | n/a")
+            sec.lines.append(
+                f"| {cost.stage} | {cost.net} | {cost.label} | {cost.macs / 1e9:.2f} | "
+                f"{cost.min_bytes(setup.batch, setup.precision) / 1e6:.0f} | {cost.seconds * 1e3:.2f} | "
+                f"{cost.seconds / total[cost.net]:.0%} | {cost.macs / base.macs:.2f} | "
+                f"{cost.seconds / base.seconds:.2f} | {floor_cells} |")
+    if kernel_lists:
+        sec.lines += ["", f"Top {kernels} kernels of each stage by their own "
+                      f"{'device' if ctx.device.type == 'cuda' else 'CPU'} time, per step (torch.profiler):", ""]
+        for (stage, net), top in kernel_lists.items():
+            sec.lines.append(f"- {stage} {net}: " + "; ".join(f"`{name[:90]}` x{calls} {us:.0f} us"
+                                                             for name, calls, us in top))
+    sec.lines.append("")
+    log(f"{sec.name}: {' vs '.join(nets)} per stage at {setup.describe()}")
+
+
+def section_stages(ctx: Context, sec: Section) -> None:
+    """Where the step's time goes: each conv stage alone, baseline against its asymmetric variant, with floors."""
+    speed = ctx.plan.speed
+    peak = step_time.device_peak(ctx.device)
+    sec.lines += ["Forward + backward of each conv stage and its pool alone, at that stage's input size, eager, "
+                  "timed round-robin (bench/step_time.py --stages). MAC floor: 6 x MACs x batch at the card's "
+                  "dense peak; bytes floor: the fewest bytes any implementation moves (forward reads x and the "
+                  "weights, writes y; backward reads dy, x and the weights, writes dx and the weight gradients) at "
+                  "peak bandwidth; x floor: measured / the larger floor. "
+                  + (f"Peaks: {peak.source}." if peak else "No peak figures for this device: floors n/a."), ""]
+    for batch in speed.stage_batches:
+        setup = speed_setup(ctx, "bf16" if ctx.device.type == "cuda" else "fp32", batch)
+        for baseline, variant in speed.stage_pairs:
+            if sec.has_time(f"stages {baseline} vs {variant} batch {batch}"):
+                kernels = speed.stage_kernels if batch == speed.stage_batches[0] else 0
+                sec.attempt(f"stages {variant} batch {batch}",
+                            lambda: stage_table(ctx, sec, [baseline, variant], setup, kernels))
+
+
+def fused_agreement(ctx: Context, sec: Section, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """The fused kernel against the eager cascade on fresh random inputs (float64 reference of the same inputs)."""
+    from model import fused_cascade
+
+    c, n, t, h, w, k = shape
+    x = torch.randn(2, c, t, h, w, device=ctx.device).contiguous(memory_format=torch.channels_last_3d)
+    weights = [torch.randn(n, c, 1, k, 1) / (c * k) ** 0.5, torch.randn(n), torch.randn(n, n, 1, 1, k) / (n * k) ** 0.5,
+               torch.randn(n), torch.randn(n, n, 3, 1, 1) / (3 * n) ** 0.5, torch.randn(n)]
+    tensors = [p.to(ctx.device, dtype) for p in (x, *weights)]
+    ours = fused_cascade.cascade_forward(*tensors)
+    eager = fused_cascade.eager_cascade(*tensors)
+    exact = fused_cascade.eager_cascade(*(p.double() for p in tensors))
+    scale = exact.abs().max().item()
+    ours_err, eager_err = ((y.double() - exact).abs().max().item() / scale for y in (ours, eager))
+    bound = FUSED_FP32_BOUND if dtype == torch.float32 else eager_err + FUSED_BF16_EXTRA
+    ok = sec.check(ours_err <= bound, f"fused {shape} {dtype} error {ours_err:.2e} > {bound:.2e}")
+    name = str(dtype).replace("torch.", "")
+    sec.lines.append(f"| {c} | {n} | {t}x{h}x{w} | {k} | {name} | {ours_err:.2e} | {eager_err:.2e} | {ok} |")
+
+
+def section_fused(ctx: Context, sec: Section) -> None:
+    """The fused cascade (model/fused_cascade.py) on the device: agreement with eager, then its time per stage and
+    per training step beside the eager cascade."""
+    from model import fused_cascade
+
+    speed = ctx.plan.speed
+    precisions = [torch.float32, torch.bfloat16]
+    if not sec.check(fused_cascade.available(torch.empty(0, device=ctx.device)),
+                     "the fused cascade cannot run here (Triton missing, or neither CUDA nor its interpreter)"):
+        return
+    sec.lines += ["Agreement: the Triton kernel against the eager cascade on fresh random inputs (batch 2, "
+                  "channels_last_3d), both against a float64 cascade of the same inputs; error = max |difference| / "
+                  f"max |float64|. Bound: float32 (TF32 off) {FUSED_FP32_BOUND:.0e}; bfloat16: eager's own error + "
+                  f"{FUSED_BF16_EXTRA:.1e}.", "",
+                  "| C | N | TxHxW | k | dtype | fused error | eager error | check |",
+                  "|---:|---:|---|---:|---|---:|---:|---|"]
+    step_time.use_precision("fp32")
+    for shape in speed.fused_shapes:
+        for dtype in precisions:
+            if sec.has_time(f"fused agreement {shape} {dtype}"):
+                sec.attempt(f"fused agreement {shape} {dtype}", lambda: fused_agreement(ctx, sec, shape, dtype))
+    sec.lines.append("")
+    release(ctx)
+    batch = speed.stage_batches[0]
+    for net in speed.fused_stage_nets:
+        if sec.has_time(f"fused stages {net}"):
+            setup = speed_setup(ctx, "bf16", batch)
+            sec.attempt(f"fused stages {net}", lambda: stage_table(ctx, sec, [net, f"{net} fused"], setup, 0))
+    for cell in speed.fused_cells:
+        what = f"fused {cell[0]} batch {cell[1]} {cell[2]}"
+        if sec.has_time(what):
+            sec.attempt(what, lambda: run_cell(ctx, sec, cell))
 
 
 def section_loader(ctx: Context, sec: Section) -> None:
@@ -644,8 +873,8 @@ def section_ddp(ctx: Context, sec: Section) -> None:
 
 def section_predict(ctx: Context, sec: Section) -> None:
     """``model.predict.predict_videos`` on the carried real clips: an RGB run and an RGBF run (flow by the torch
-    TV-L1 on the device), 25 clips x 10 crops each (smoke: 1 clip), untrained c3d-b5 at 16x112x112 (speed does not depend on the
-    weights); the schema is the pipeline's default (128x171, OpenCV TV-L1 parameters, JPEG q90)."""
+    TV-L1 on the device), 25 clips x 10 crops each (smoke: 1 clip), untrained c3d-b5 at 16x112x112 (speed does not
+    depend on the weights); the schema is the pipeline's default (128x171, OpenCV TV-L1 parameters, JPEG q90)."""
     from model.predict import InputRecipe, Run, predict_videos
     from pipeline.build_rgbf import BuildConfig, train_schema
     from pipeline.decode import DecodeConfig
@@ -654,12 +883,12 @@ def section_predict(ctx: Context, sec: Section) -> None:
     decode = DecodeConfig(max_frames=ctx.plan.extract_max_frames)
     schema = train_schema(dataclasses.replace(ExtractConfig(), decode=decode).schema(), BuildConfig()).to_dict()
     videos = sorted((ctx.inputs / "videos").rglob("*.*"))
-    crop, clips = ctx.plan.step_clip[1], 25 if ctx.plan is FULL else 1  # smoke: 1 clip x 10 crops
+    crop, clips = ctx.plan.speed.clip[1], 25 if ctx.plan is FULL else 1  # smoke: 1 clip x 10 crops
+    flow = "the torch TV-L1 (compiled; its compile time included)" if ctx.device.type == "cuda" else "OpenCV TV-L1"
     sec.lines += [f"`predict_videos` on {len(videos)} real clips (decoded at 128x171, at most "
                   f"{ctx.plan.extract_max_frames} frames), c3d-b5 (untrained) on 16x{crop}x{crop} views, "
                   f"{clips} clips x 10 crops, one video at a time as `asym3d predict` runs; RGBF's flow by "
-                  f"{'the torch TV-L1 (compiled; its compile time included)' if ctx.device.type == 'cuda' else 'OpenCV TV-L1'}"
-                  f" on {ctx.device.type}. Each video's views are one `score_clips` call (batch 250).", "",
+                  f"{flow} on {ctx.device.type}. Each video's views are one `score_clips` call (batch 250).", "",
                   "| input | videos | views | s | views/s | s per video |", "|---|---:|---:|---:|---:|---:|"]
     for modality in ("rgb", "rgbf"):
         if not sec.has_time(f"predict {modality}"):
@@ -684,7 +913,8 @@ def section_predict(ctx: Context, sec: Section) -> None:
 
 SECTIONS: dict[str, Callable[[Context, Section], None]] = {
     "tvl1": section_tvl1, "extract": section_extract, "train": section_train, "steps": section_steps,
-    "loader": section_loader, "evaluate": section_evaluate, "ddp": section_ddp, "predict": section_predict,
+    "stages": section_stages, "fused": section_fused, "loader": section_loader, "evaluate": section_evaluate,
+    "ddp": section_ddp, "predict": section_predict,
 }
 
 
@@ -711,6 +941,8 @@ def machine_lines(device: torch.device) -> list[str]:
 
 def run(args: argparse.Namespace, plan: Plan) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.smoke and device.type == "cpu":  # the fused cascade runs on a CPU only interpreted (read at its import)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     chosen = [s for s in (args.sections.split(",") if args.sections else SECTIONS)]
     for name in chosen:
         if name not in SECTIONS:

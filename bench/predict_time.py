@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--model", default="asym3d")
     parser.add_argument("--crop", type=int, default=112)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--videos", type=int, default=2, help="the first N sample videos")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.split("x"))
@@ -82,7 +83,7 @@ def main() -> None:
           "| predict RGB+RGBF fused | network views/s (wall / CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
     network = network_rate(runs["rgb"].net, args.crop)
-    for video in sample_videos():
+    for video in sample_videos()[:args.videos]:
         with Timer() as t_decode:
             frames = decode_video(video, decode)
         with Timer() as t_flow:

@@ -14,6 +14,7 @@ from .counting import (
 from .layers import (
     ASYM_3,
     ASYM_5,
+    CASCADE_PATHS,
     CONV_3x3x3,
     POINTWISE,
     AsymConv3d,
@@ -22,6 +23,7 @@ from .layers import (
     ConvUnit,
     MicroNet,
     micronet_block,
+    set_cascade_path,
     stack_block,
 )
 from .networks import (
@@ -40,6 +42,7 @@ from .networks import (
 __all__ = [
     "ASYM_3",
     "ASYM_5",
+    "CASCADE_PATHS",
     "CONV_3x3x3",
     "POINTWISE",
     "AsymConv3d",
@@ -66,6 +69,7 @@ __all__ = [
     "markdown_table",
     "micronet_block",
     "model_summary",
+    "set_cascade_path",
     "stack_block",
     "summary_table",
 ]

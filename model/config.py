@@ -13,7 +13,7 @@ from pipeline.errors import Asym3dError
 from pipeline.rgbf import MODALITIES
 
 from .networks import WEIGHT_INITS
-from .runtime import PRECISIONS
+from .runtime import PRECISIONS, check_device
 
 # Paper §4.3. "none" keeps TrainConfig's own defaults (constant learning rate unless --lr-step is given).
 SCHEDULES: dict[str, dict[str, Any]] = {
@@ -54,7 +54,7 @@ class TrainConfig:
     dropout: float = 0.5
     weight_init: str = "he-torchfc"  # model.WEIGHT_INITS; "c3d" is the paper's (Caffe C3D) fillers
     workers: int = 2  # DataLoader worker processes per training process
-    device: str = "auto"  # auto, cpu or cuda
+    device: str = "auto"  # model.runtime.check_device: auto, cpu, cuda or cuda:N
     seed: int = 0
     init: str | None = None  # checkpoint to start from (fc8 re-initialised when the class count differs)
     resume: bool = False  # continue out_dir/last.pt
@@ -71,8 +71,7 @@ class TrainConfig:
             raise TrainError(f"unknown weight init {self.weight_init!r}; valid: {', '.join(WEIGHT_INITS)}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise TrainError(f"unknown device {self.device!r}; valid: auto, cpu, cuda")
+        check_device(self.device)
         if self.precision not in PRECISIONS:
             raise TrainError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         for name in ("epochs", "batch_size", "clip_len", "crop"):

@@ -20,6 +20,8 @@ frames (:func:`channel_statistics`); the numbers travel with the run's checkpoin
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -60,6 +62,31 @@ def open_training_shards(shard_dir: Path | str, modality: str) -> ShardSet:
     if not shards.classes:
         raise DataError(f"{root}: {SHARD_GLOB} carry no class list in dataset.json")
     return shards
+
+
+def shard_identity(shards: ShardSet) -> dict[str, Any]:
+    """What a run records about its shards: the absolute path, a digest of what defines them (schema, dataset
+    description with the class list, plan of videos per shard) and the complete shard files it saw."""
+    defined = {"schema": shards.schema.to_dict(), "dataset": shards.dataset, "plan": shards.plan}
+    digest = hashlib.sha256(json.dumps(defined, sort_keys=True).encode()).hexdigest()
+    return {"path": str(shards.root.resolve()), "digest": digest, "files": list(shards.complete_shards)}
+
+
+def check_shard_identity(shards: ShardSet, expected: dict[str, Any] | None, owner: Path | str) -> None:
+    """Refuse ``shards`` unless they are the ones ``owner`` (a run's checkpoint) recorded: same digest, and every
+    shard file it saw still there (shards completed since are the same data, more of it). ``expected`` None: a run
+    from before identities were recorded, nothing to compare."""
+    if not expected:
+        return
+    actual = shard_identity(shards)
+    where = f"the run expected its shards at {expected.get('path')}"
+    if actual["digest"] != expected.get("digest"):
+        raise DataError(f"{shards.root}: not the shards {owner} was trained on (another schema, class list or plan); "
+                        f"{where}")
+    missing = sorted(set(expected.get("files", [])) - set(actual["files"]))
+    if missing:
+        raise DataError(f"{shards.root}: lacks {len(missing)} shard file(s) {owner} was trained on "
+                        f"({', '.join(missing[:3])}); {where}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +150,14 @@ def channel_statistics(shards: ShardSet, videos: Sequence[VideoEntry], modality:
     return mean.tolist(), std.tolist()
 
 
+def check_crop(shards: ShardSet, crop_size: int) -> None:
+    """:class:`DataError` when a square ``crop_size`` crop does not fit the stored frames."""
+    height, width = shards.schema.height, shards.schema.width
+    if crop_size > height or crop_size > width:
+        raise DataError(f"{shards.root}: crop {crop_size} does not fit the stored {height}x{width} frames "
+                        "(frames are resized when flow is extracted; pick a smaller --clip)")
+
+
 @dataclass(frozen=True)
 class View:
     """Where one clip comes from: first frame, crop corner and whether it is mirrored."""
@@ -141,10 +176,7 @@ class _Clips(Dataset):
     """
 
     def __init__(self, shards: ShardSet, videos: Sequence[VideoEntry], modality: str, clip_len: int, crop_size: int):
-        height, width = shards.schema.height, shards.schema.width
-        if crop_size > height or crop_size > width:
-            raise DataError(f"{shards.root}: crop {crop_size} does not fit the stored {height}x{width} frames "
-                            "(frames are resized when flow is extracted; pick a smaller --clip)")
+        check_crop(shards, crop_size)
         self.shards = shards
         self.videos = list(videos)
         self.modality = modality

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .config import TrainError
+from .runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,6 @@ def torchrun_world() -> tuple[int, int, int]:
 def is_main_process() -> bool:
     """True outside torchrun and on its rank 0: the process that reports."""
     return torchrun_world()[0] == 0
-
-
-def resolve_device(option: str, local_rank: int) -> torch.device:
-    if option == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if option == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 @contextmanager

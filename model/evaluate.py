@@ -24,15 +24,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.devices import check_device
 from pipeline.errors import ConfigError
-from pipeline.store import DamagedError, ShardSet, StoreError, VideoEntry
+from pipeline.lock import DirectoryLock
+from pipeline.store import DamagedError, ShardSet, VideoEntry
 
-from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
-from .clips import ViewProtocol, protocol_frames
-from .reports import write_reports
+from .checkpoint import CHECKPOINT_CHOICES, CheckpointError, build_model_from_checkpoint, load_checkpoint
+from .clips import CROP_CHOICES, ViewProtocol, protocol_frames
+from .data import check_shard_identity, open_training_shards
+from .reports import check_report_identity, write_reports
 from .results import EvaluationError, SplitResult
-from .runtime import Runtime
+from .runs import split_dir
+from .runtime import Runtime, resolve_device
 
 # ---------------------------------------------------------------------------------------------------- protocol
 
@@ -181,10 +183,6 @@ def checkpoint_views(state: dict[str, Any], clips: int, crops: int) -> ViewProto
                      mean=tuple(state["normalization"]["mean"]), std=tuple(state["normalization"]["std"]))
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | str | Path, split: int, *,
                    clips: int = 25, crops: int = 10, batch_size: int = 30, device: str | None = None,
                    workers: int = 0, progress: bool = True, model: nn.Module | None = None,
@@ -198,10 +196,31 @@ def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | s
     Raises :class:`EvaluationError` when the checkpoint was trained on another split, or the shards hold none of
     the split's test videos or other classes.
     """
-    device = check_device(device or default_device())
+    device = resolve_device(device or "auto")
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(Path(checkpoint))
     origin = str(checkpoint) if not isinstance(checkpoint, dict) else "(in memory)"
     shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    config = state.get("config", {})
+    modality = config.get("input", "rgb")
+    videos = check_split(state, shards, split, origin)
+    views = ClipViews(shards, videos, checkpoint_views(state, clips, crops))
+    net = model if model is not None else build_model_from_checkpoint(state)
+    scored = score_videos(net, views, batch_size=batch_size, device=device, workers=workers,
+                          precision=config.get("precision", "auto"),
+                          progress=progress, desc=f"split {split}", feature_layer=feature_layer)
+    return SplitResult(split=split, video_ids=[v.video_id for v in videos],
+                       labels=np.array([v.label for v in videos], np.int64), scores=scored.scores,
+                       classes=list(state.get("classes") or shards.classes), views=scored.views,
+                       features=scored.features,
+                       source={"checkpoint": origin, "model": state.get("model_name"), "input": modality,
+                               "epoch": state.get("epoch"), "shards": str(shards.root)},
+                       absent=absent_videos(shards))
+
+
+def check_split(state: dict[str, Any], shards: ShardSet, split: int, origin: str | Path) -> list[VideoEntry]:
+    """Split ``split``'s test videos in ``shards``, after refusing a checkpoint trained on another split (it would
+    score videos it was trained on), shards without its input field, or other classes; :class:`EvaluationError`
+    naming ``origin`` (the checkpoint's file) otherwise."""
     config = state.get("config", {})
     trained_on = config.get("split")
     if isinstance(trained_on, int) and trained_on != split:
@@ -218,18 +237,7 @@ def evaluate_split(checkpoint: str | Path | dict[str, Any], shards: ShardSet | s
     if not videos:
         raise EvaluationError(f"{shards.root}: none of split {split}'s test videos are in these shards "
                               f"({len(shards)} videos stored)")
-    views = ClipViews(shards, videos, checkpoint_views(state, clips, crops))
-    net = model if model is not None else build_model_from_checkpoint(state)
-    scored = score_videos(net, views, batch_size=batch_size, device=device, workers=workers,
-                          precision=config.get("precision", "auto"),
-                          progress=progress, desc=f"split {split}", feature_layer=feature_layer)
-    return SplitResult(split=split, video_ids=[v.video_id for v in videos],
-                       labels=np.array([v.label for v in videos], np.int64), scores=scored.scores,
-                       classes=list(state.get("classes") or shards.classes), views=scored.views,
-                       features=scored.features,
-                       source={"checkpoint": origin, "model": state.get("model_name"), "input": modality,
-                               "epoch": state.get("epoch"), "shards": str(shards.root)},
-                       absent=absent_videos(shards))
+    return videos
 
 
 def absent_videos(shards: ShardSet) -> list[str]:
@@ -241,54 +249,84 @@ def absent_videos(shards: ShardSet) -> list[str]:
 
 
 def resolve_checkpoint(run_dir: Path, split: int, choice: str) -> Path:
-    """``best``/``last`` -> ``RUN_DIR/split{N}/{choice}.pt``; anything else is a path. Missing -> EvaluationError."""
-    path = run_dir / f"split{split}" / f"{choice}.pt" if choice in ("best", "last") else Path(choice)
+    """``best``/``last`` -> that checkpoint of split ``split`` in either run layout (:func:`model.runs.split_dir`);
+    anything else is a path. Missing -> EvaluationError."""
+    path = split_dir(run_dir, split) / f"{choice}.pt" if choice in CHECKPOINT_CHOICES else Path(choice)
     if not path.is_file():
-        single = run_dir / f"{choice}.pt"
-        hint = (f"; {run_dir} is a single-split run (train without --splits): pass --checkpoint {single} and "
-                f"--splits with the split it was trained on" if single.is_file() else "")
-        raise EvaluationError(f"{path}: no checkpoint for split {split}{hint}")
+        raise EvaluationError(f"{path}: no checkpoint for split {split}")
     return path
+
+
+# what evaluation needs of a checkpoint: the optimiser and generator states are left out of memory
+_EVALUATION_KEYS = ("model_name", "model_kwargs", "model_state", "epoch", "config", "normalization", "classes",
+                    "shards", "digest")
+
+
+def run_shards(state: dict[str, Any], path: Path, shard_dir: Path | None) -> ShardSet:
+    """The training shards a checkpoint is tested on: ``shard_dir`` (``--shards``) or the ones it was trained on,
+    gated as training gates them (:func:`model.data.open_training_shards`: training shards holding its input as
+    3-channel images) and checked against the identity the run recorded (:func:`model.data.check_shard_identity`).
+    A checkpoint from before identities that names a relative path is refused: the path meant the directory train
+    ran in, which is unknown."""
+    config = state.get("config", {})
+    expected = state.get("shards") or {}
+    root = Path(shard_dir or expected.get("path") or config.get("shard_dir", ""))
+    if shard_dir is None and not root.is_absolute():
+        raise EvaluationError(f"{path}: trained on the relative shard path {str(root)!r}, relative to wherever "
+                              "train ran; pass --shards")
+    if shard_dir is None and not root.is_dir():
+        raise EvaluationError(f"{path}: its shard directory {root} does not exist (pass --shards)")
+    shards = open_training_shards(root, config.get("input", "rgb"))
+    check_shard_identity(shards, expected, path)
+    return shards
 
 
 def evaluate_run(run_dir: Path, splits: Sequence[int], *, checkpoints: Sequence[str] = ("best",),
                  shard_dir: Path | None = None, out: Path | None = None, clips: int = 25, crops: int = 10,
-                 batch_size: int = 30, device: str | None = None, workers: int = 0, progress: bool = True,
+                 batch_size: int = 30, device: str = "auto", workers: int = 0, progress: bool = True,
                  feature_layer: str | None = None) -> dict[str, Any]:
     """``asym3d evaluate RUN_DIR``: every split's checkpoint on its test list, reports in ``out`` (RUN_DIR/eval).
 
-    ``checkpoints`` is one choice for every split or one per split (``best``, ``last`` or a path). All checkpoints
-    are located before any work starts, so a missing one fails fast. ``shard_dir`` defaults to the shard directory
-    each checkpoint was trained on. Returns the summary (see :func:`summarize`).
+    ``checkpoints`` is one choice for every split or one per split (``best``, ``last`` or a path); ``run_dir`` may
+    have either layout train writes (:mod:`model.runs`). Everything is checked before anything is created: the
+    options, every checkpoint (located and verified), its shards (``shard_dir``, default the ones it was trained on:
+    gated and identity-checked, see :func:`run_shards`) and the report's identity (the splits, each checkpoint's
+    choice, epoch and digest, the protocol), which a report already in ``out`` must share. The report directory is
+    then locked for the whole evaluation. Returns the summary (see :func:`summarize`).
     """
     if len(checkpoints) not in (1, len(splits)):
         raise EvaluationError(f"give one checkpoint for all splits or one per split ({len(splits)}), "
                               f"got {len(checkpoints)}")
+    if crops not in CROP_CHOICES or clips < 1:
+        raise ConfigError(f"crops must be one of {CROP_CHOICES} and clips at least 1, got {crops} and {clips}")
+    device = str(resolve_device(device))
     choices = list(checkpoints) * len(splits) if len(checkpoints) == 1 else list(checkpoints)
     paths = [resolve_checkpoint(run_dir, s, c) for s, c in zip(splits, choices)]
-    results = []
-    opened: dict[Path, ShardSet] = {}
-    for split, path, choice in zip(splits, paths, choices):
+    states, shard_sets = [], []
+    for split, path in zip(splits, paths):
         state = load_checkpoint(path)
-        root = Path(shard_dir or state.get("config", {}).get("shard_dir", ""))
-        if not root.is_dir():
-            raise EvaluationError(f"{path}: its shard directory {root} does not exist (pass --shards)")
-        if root not in opened:
+        states.append({key: state[key] for key in _EVALUATION_KEYS if key in state})
+        del state
+        shard_sets.append(run_shards(states[-1], path, shard_dir))
+        check_split(states[-1], shard_sets[-1], split, path)
+    identity = {"splits": list(splits),
+                "checkpoints": [{"choice": c, "epoch": s["epoch"], "digest": s["digest"]}
+                                for c, s in zip(choices, states)],
+                "clips": clips, "crops": crops, "shards": str(Path(shard_dir).resolve()) if shard_dir else None}
+    out = out or Path(run_dir) / "eval"
+    check_report_identity(out, identity)
+    with DirectoryLock(out):
+        check_report_identity(out, identity)  # again: another evaluation may have written it since
+        results = []
+        for split, path, choice, state, shards in zip(splits, paths, choices, states, shard_sets):
             try:
-                opened[root] = ShardSet(root)
-            except StoreError as err:
-                raise EvaluationError(str(err)) from err
-        try:
-            result = evaluate_split(state, opened[root], split, clips=clips, crops=crops, batch_size=batch_size,
-                                    device=device, workers=workers, progress=progress, feature_layer=feature_layer)
-        except CheckpointError as err:  # the checkpoint was passed as loaded, so name its file here
-            raise CheckpointError(f"{path}: {err}") from None
-        result.source.update(checkpoint=str(path), choice=choice)
-        results.append(result)
-    for shards in opened.values():
-        shards.close()
-    identity = {"splits": list(splits), "checkpoints": choices, "clips": clips, "crops": crops,
-                "shards": str(shard_dir) if shard_dir else None}
-    return write_reports(results, out or run_dir / "eval", title=str(run_dir), identity=identity)
-
-
+                result = evaluate_split(state, shards, split, clips=clips, crops=crops, batch_size=batch_size,
+                                        device=device, workers=workers, progress=progress,
+                                        feature_layer=feature_layer)
+            except CheckpointError as err:  # the checkpoint was passed as loaded, so name its file here
+                raise CheckpointError(f"{path}: {err}") from None
+            result.source.update(checkpoint=str(path), choice=choice, digest=state["digest"])
+            results.append(result)
+        for shards in shard_sets:
+            shards.close()
+        return write_reports(results, out, title=str(run_dir), identity=identity)

@@ -113,7 +113,7 @@ def _part_name(video_id: str) -> str:
 
 
 def extract_features(run: Run, sources: Sequence[tuple[str, str, Callable[[], np.ndarray]]], out: Path, *,
-                     layer: str, stride: int, crops: int = 1, batch_size: int = 30, device: str = "cpu",
+                     layer: str = "fc6", stride: int = 8, crops: int = 1, batch_size: int = 30, device: str = "cpu",
                      on_failure: Callable[[str], None] = lambda line: None) -> FeatureSummary:
     """Features of every ``(video id, source, frames())`` not yet in ``out``; see the module docstring.
 

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.lock import DirectoryLock
 
-from .reports import load_scores, write_reports
+from .reports import check_report_identity, load_scores, write_reports
 from .results import EvaluationError, SplitResult
 
 
@@ -82,13 +83,17 @@ def fuse_runs(run_dirs: Sequence[Path], splits: Sequence[int], *, weights: Seque
               out: Path | None = None) -> dict[str, Any]:
     """``asym3d evaluate --fuse RUN_A RUN_B``: fuse each split's saved scores and write the usual reports.
 
-    Scores are read from ``RUN/eval/scores_split{N}.npz``; reports go to ``out`` (default
-    ``RUN_A/eval/fused_<A>+<B>``). Returns the summary (see :func:`model.results.summarize`).
+    Scores are read from ``RUN/eval/scores_split{N}.npz`` (any run layout: evaluate writes them there); reports go
+    to ``out`` (default ``RUN_A/eval/fused_<A>+<B>``), whose identity names the checkpoints each run's scores came
+    from (their digests), so fused scores of other checkpoints never silently replace a fused report. Returns the summary (see :func:`model.results.summarize`).
     """
-    fused = [fuse_results([load_scores(Path(run) / "eval" / f"scores_split{split}.npz") for run in run_dirs],
-                          weights) for split in splits]
+    scores = [[load_scores(Path(run) / "eval" / f"scores_split{split}.npz") for run in run_dirs] for split in splits]
+    fused = [fuse_results(per_split, weights) for per_split in scores]
     names = "+".join(Path(run).resolve().name for run in run_dirs)
     out = out or Path(run_dirs[0]) / "eval" / f"fused_{names}"
     identity = {"fused": [str(Path(run).resolve()) for run in run_dirs], "splits": list(splits),
-                "weights": list(weights) if weights else None}
-    return write_reports(fused, out, title=f"fusion {names}", identity=identity)
+                "weights": list(weights) if weights else None,
+                "checkpoints": [[r.source["digest"] for r in per_split] for per_split in scores]}
+    check_report_identity(out, identity)  # before anything is created; again under the lock
+    with DirectoryLock(out):
+        return write_reports(fused, out, title=f"fusion {names}", identity=identity)

@@ -11,6 +11,7 @@ All convolutions are stride 1 with "same" padding, so every step of a block runs
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,6 +29,10 @@ ASYM_3: Kernels = ((1, 3, 1), (1, 1, 3), (3, 1, 1))
 #: Replaces a group of two 3x3x3 layers (receptive field 5x5x5) by 1x5x1, 1x1x5, 3x1x1 (paper Fig. 2b). The
 #: temporal kernel stays 3: the paper argues 5x1x1 adds cost without need for 16-frame clips.
 ASYM_5: Kernels = ((1, 5, 1), (1, 1, 5), (3, 1, 1))
+#: How a cascade runs: three ``nn.Conv3d`` ("eager", the default), or one Triton kernel that keeps the
+#: intermediates in registers ("fused", :mod:`model.fused_cascade`). Eager stays the default until the fused one is
+#: measured faster on a GPU (issue 25).
+CASCADE_PATHS = ("eager", "fused")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,51 @@ class AsymConv3d(nn.Sequential):
                     layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
         self.kernels: Kernels = tuple(tuple(k) for k in kernels)
+        self.path = "eager"  # CASCADE_PATHS; set by set_cascade_path
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused kernel computes this cascade: three biased convolutions with nothing between them,
+        shaped 1xkx1 -> 1x1xk -> 3x1x1 (ASYM_3, ASYM_5)."""
+        if len(self) != 3 or any(conv.bias is None for conv in self):
+            return False
+        (t1, kh, w1), (t2, h2, kw), kt = self.kernels
+        return (t1, w1, t2, h2, kt) == (1, 1, 1, 1, (3, 1, 1)) and kh % 2 == 1 and kw % 2 == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "fused":
+            from . import fused_cascade
+
+            if fused_cascade.available(x):
+                return fused_cascade.fused_cascade(x, list(self))
+            _warn_fallback(x)
+        return super().forward(x)
+
+
+_warned_fallback = False
+
+
+def _warn_fallback(x: torch.Tensor) -> None:
+    """One warning per process: the fused path was asked for where it cannot run, so the eager cascade runs."""
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        from .fused_cascade import triton
+
+        why = "Triton is not installed" if triton is None else f"a {x.device.type} tensor needs TRITON_INTERPRET=1"
+        warnings.warn(f"fused cascade: {why}; running the eager cascade", RuntimeWarning, stacklevel=3)
+
+
+def set_cascade_path(net: nn.Module, path: str) -> int:
+    """Run every fusable :class:`AsymConv3d` in ``net`` by ``path`` (:data:`CASCADE_PATHS`); returns how many.
+
+    Cascades the kernel does not cover (batch norm or ReLU inside, other kernel shapes) stay eager."""
+    if path not in CASCADE_PATHS:
+        raise ValueError(f"unknown cascade path {path!r}; valid: {', '.join(CASCADE_PATHS)}")
+    cascades = [m for m in net.modules() if isinstance(m, AsymConv3d) and m.fusable]
+    for cascade in cascades:
+        cascade.path = path
+    return len(cascades)
 
 
 class ConvUnit(nn.Sequential):

@@ -41,7 +41,6 @@ from .clips import ViewProtocol, protocol_frames
 from .evaluate import checkpoint_views, score_clips
 from .fusion import fusion_weights
 
-TVL1_BACKENDS = ("auto", "cpu", "cuda", "torch")  # the flow backends predict may use for a TV-L1 run
 SCHEMA_PARTS = "decoding, flow algorithm and parameters, flow image bound, storage"
 
 
@@ -221,7 +220,7 @@ class Prediction:
     views: int = 0  # views per run
     error: str | None = None
 
-    def top(self, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
+    def top(self, classes: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-self.scores, kind="stable")[:k]
         return [(classes[i], float(self.scores[i])) for i in order]
 

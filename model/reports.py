@@ -3,18 +3,19 @@ scores, classes, where they came from), a per-class accuracy CSV, a confusion-ma
 then ``results.json`` and ``results.md`` over the splits.
 
 A report directory is never silently replaced by one of other splits, checkpoints or protocol (its score files would
-be left beside the new ones and fused later by mistake); it is locked while written.
+be left beside the new ones and fused later by mistake): the caller checks :func:`check_report_identity` before it
+starts and again under the directory's lock (:mod:`pipeline.lock`), which it holds until the report is written.
 """
 from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.lock import DirectoryLock
 from pipeline.store import StoreError, atomic_output, read_json, write_text_atomic
 
 from .results import EvaluationError, SplitResult, confusion_matrix, markdown_table, summarize
@@ -25,28 +26,29 @@ def write_reports(results: Sequence[SplitResult], out: Path, title: str = "",
     """Write ``scores_split{N}.npz``, ``per_class_split{N}.csv``, ``confusion_split{N}.png`` (and
     ``features_split{N}.npz`` when features were kept), ``results.json`` and ``results.md`` into ``out``.
 
-    ``identity`` (the splits, checkpoint choices and protocol that made the report) is stored in results.json; a
-    report of another identity already in ``out`` is refused, never silently replaced (its score files would be
-    left beside the new ones). ``out`` is locked while it is written (:mod:`pipeline.lock`).
+    ``identity`` (the splits, checkpoints and protocol that made the report) is stored in results.json; a report of
+    another identity already in ``out`` is refused, never silently replaced (its score files would be left beside
+    the new ones). The caller holds ``out``'s lock (see the module docstring).
     Returns the summary (see :func:`summarize`) with the markdown table under "table" and ``out``."""
-    with DirectoryLock(out):
-        _check_report_identity(out, identity)
-        for r in results:
-            save_scores(r, out / f"scores_split{r.split}.npz")
-            write_per_class_csv(r, out / f"per_class_split{r.split}.csv")
-            plot_confusion(r, out / f"confusion_split{r.split}.png")
-            if r.features is not None:
-                save_features(r, out / f"features_split{r.split}.npz")
-        summary = summarize(results)
-        summary["title"] = title
-        summary["identity"] = identity
-        table = markdown_table(summary, title)
-        write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
-        write_text_atomic(out / "results.md", table + "\n")
+    check_report_identity(out, identity)
+    for r in results:
+        save_scores(r, out / f"scores_split{r.split}.npz")
+        write_per_class_csv(r, out / f"per_class_split{r.split}.csv")
+        plot_confusion(r, out / f"confusion_split{r.split}.png")
+        if r.features is not None:
+            save_features(r, out / f"features_split{r.split}.npz")
+    summary = summarize(results)
+    summary["title"] = title
+    summary["identity"] = identity
+    table = markdown_table(summary, title)
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "results.md", table + "\n")
     return {**summary, "table": table, "out": str(out)}
 
 
-def _check_report_identity(out: Path, identity: dict[str, Any] | None) -> None:
+def check_report_identity(out: Path, identity: dict[str, Any] | None) -> None:
+    """Refuse to replace a report in ``out`` made from other splits, checkpoints (choice, epoch, digest) or
+    protocol; the same identity again is a rerun and may replace it."""
     path = out / "results.json"
     if not path.exists():
         return
@@ -60,12 +62,13 @@ def _check_report_identity(out: Path, identity: dict[str, Any] | None) -> None:
 
 
 def _save_npz(result: SplitResult, path: Path, **arrays: np.ndarray) -> None:
-    """``arrays`` plus the video ids, labels, classes, split and checkpoint choice, as plain arrays (loadable without
-    pickle)."""
+    """``arrays`` plus the video ids, labels, classes, split and the checkpoint's choice and digest, as plain arrays
+    (loadable without pickle)."""
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, video_ids=np.array(result.video_ids, dtype=str), labels=result.labels,
                  classes=np.array(result.classes, dtype=str), split=np.int64(result.split),
-                 choice=np.array(str(result.source.get("choice", ""))), **arrays)
+                 choice=np.array(str(result.source.get("choice", ""))),
+                 digest=np.array(str(result.source.get("digest", ""))), **arrays)
 
 
 def save_scores(result: SplitResult, path: Path) -> None:
@@ -87,10 +90,10 @@ def load_scores(path: Path) -> SplitResult:
             return SplitResult(split=int(data["split"]), video_ids=[str(v) for v in data["video_ids"]],
                                labels=data["labels"].astype(np.int64), scores=data["scores"],
                                classes=[str(c) for c in data["classes"]], views=data["views"],
-                               source={"scores": str(path),
-                                       "choice": str(data["choice"]) if "choice" in data.files else ""})
-    except (KeyError, ValueError, OSError) as err:
-        raise EvaluationError(f"{path}: not a scores file ({err})") from err
+                               source={"scores": str(path), **{key: str(data[key]) if key in data.files else ""
+                                                               for key in ("choice", "digest")}})
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # truncated or damaged: the zip's
+        raise EvaluationError(f"{path}: not a readable scores file ({err})") from None  # CRCs are checked on read
 
 
 def write_per_class_csv(result: SplitResult, path: Path) -> None:

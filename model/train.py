@@ -39,44 +39,119 @@ from tqdm import tqdm
 
 from model import build_model, list_models
 from pipeline.lock import DirectoryLock
-from pipeline.store import write_text_atomic
+from pipeline.store import ShardSet, write_text_atomic
 
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .clips import network_input
 from .config import RUNTIME_FIELDS, TrainConfig, TrainError
-from .data import (CentreClips, EpochSampler, TrainClips, channel_statistics, collate_readable, open_training_shards,
-                   split_videos)
-from .distributed import Env, is_main_process, process_group, resolve_device, sum_across, torchrun_world
+from .data import (CentreClips, EpochSampler, TrainClips, channel_statistics, check_crop, check_shard_identity,
+                   collate_readable, open_training_shards, shard_identity, split_videos)
+from .distributed import Env, is_main_process, process_group, sum_across, torchrun_world
 from .run_files import METRIC_COLUMNS, plot_curves, tensorboard_writer, write_metrics
-from .runtime import Runtime
+from .runtime import Runtime, device_memory, resolve_device
 
 def train_splits(cfg: TrainConfig, splits: Sequence[int]) -> list[dict[str, Any]]:
     """One run per split, into ``cfg.out_dir/split{N}``; returns each run's summary.
 
-    With ``resume``, a split that has a ``last.pt`` continues it (a finished one has nothing left to do) and a split
-    that never saved one starts afresh, so one command picks up a multi-split run wherever it was interrupted.
+    Every split is checked (:func:`check_run`) before the first one trains. With ``resume``, a split that has a
+    ``last.pt`` continues it (a finished one has nothing left to do) and a split that never saved one starts afresh,
+    so one command picks up a multi-split run wherever it was interrupted.
     """
+    plans = []
+    for split in splits:
+        out = Path(cfg.out_dir) / f"split{split}"
+        resume = cfg.resume and (out / "last.pt").is_file()
+        plans.append(check_run(dataclasses.replace(cfg, split=split, out_dir=str(out), resume=resume)))
     with process_group(cfg.device):
-        results = []
-        for split in splits:
-            out = Path(cfg.out_dir) / f"split{split}"
-            resume = cfg.resume and (out / "last.pt").is_file()
-            results.append(train(dataclasses.replace(cfg, split=split, out_dir=str(out), resume=resume)))
-        return results
+        return [_train_checked(plan) for plan in plans]
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run; returns a summary (run dir, best accuracy and epoch, per-epoch history, data counts).
 
     Raises :class:`TrainError`, :class:`model.data.DataError`, :class:`pipeline.store.StoreError`,
-    :class:`model.checkpoint.CheckpointError` or the registry's unknown-model error for bad input, before any
-    training step. The main process holds the run directory's lock (:mod:`pipeline.lock`) throughout. A failed
-    checkpoint write (full disk) stops the run with :class:`CheckpointError`, the previous checkpoints intact.
+    :class:`model.checkpoint.CheckpointError`, :class:`pipeline.errors.ConfigError` or the registry's unknown-model
+    error for bad input, before anything is created (:func:`check_run`). The main process then holds the run
+    directory's lock (:mod:`pipeline.lock`) throughout. A failed checkpoint write (full disk) stops the run with
+    :class:`CheckpointError`, the previous checkpoints intact.
     """
+    plan = check_run(cfg)
+    with process_group(cfg.device):
+        return _train_checked(plan)
+
+
+def _train_checked(plan: "RunPlan") -> dict[str, Any]:
+    with DirectoryLock(plan.cfg.out_dir) if is_main_process() else nullcontext():
+        return _Run(plan).fit()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """A run checked by :func:`check_run`: its config (shard path absolute; a resumed run's own settings), the
+    checkpoint it resumes, the settings a resume ignores and the identity of its shards."""
+
+    cfg: TrainConfig
+    resume: dict[str, Any] | None
+    ignored: list[str]
+    shards: dict[str, Any]
+
+
+def check_run(cfg: TrainConfig) -> RunPlan:
+    """Everything a run can be refused for, checked before any file or directory is created: the model, the device,
+    the run directory (a run there without --resume), the checkpoints to resume or start from (verified), the shards
+    (modality, identity of a resumed run's shards, the split's videos), the clip against the stored frames and the
+    memory its network needs (:func:`check_clip`)."""
     if cfg.model not in list_models():
         raise TrainError(f"unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
-    with process_group(cfg.device), DirectoryLock(cfg.out_dir) if is_main_process() else nullcontext():
-        return _Run(cfg).fit()
+    last = Path(cfg.out_dir) / "last.pt"
+    resume, ignored = None, []
+    if cfg.resume:
+        if not last.is_file():
+            raise TrainError(f"{last}: nothing to resume (no checkpoint there)")
+        resume = load_checkpoint(last)
+        cfg, ignored = _resumed_config(cfg, resume, last)
+    elif last.exists():
+        raise TrainError(f"{Path(cfg.out_dir)}: already holds a run (last.pt); pass --resume to continue it or "
+                         "choose another --out")
+    cfg = dataclasses.replace(cfg, shard_dir=str(Path(cfg.shard_dir).resolve()))
+    shards = open_training_shards(cfg.shard_dir, cfg.input)
+    try:
+        if resume is not None:
+            if list(resume["classes"]) != shards.classes:
+                raise TrainError(f"{last}: the run was trained on {len(resume['classes'])} classes, {cfg.shard_dir} "
+                                 f"has {len(shards.classes)} (or other names); refusing to resume (use another --out)")
+            check_shard_identity(shards, resume.get("shards"), last)
+        split_videos(shards, cfg.split, cfg.input, cfg.max_missing)
+        net = check_clip(cfg, shards)
+        if cfg.init and resume is None:
+            init_weights(net.state_dict(), cfg.init, cfg.model)
+        return RunPlan(cfg, resume, ignored, shard_identity(shards))
+    finally:
+        shards.close()
+
+
+def check_clip(cfg: TrainConfig, shards: ShardSet) -> nn.Module:
+    """Refuse a clip the stored frames cannot give (crop larger than a frame) or whose network cannot be trained
+    in the device's memory: fp32 weights, gradients and momentum (12 bytes a parameter; activations come on top),
+    counted on a network built on torch's "meta" device, which allocates nothing. Returns that network.
+
+    The clip's size sets fc6's: c3d-b5 at 16x4000x4000 has 8.3G parameters (33 GB of weights alone)."""
+    check_crop(shards, cfg.crop)
+    with torch.device("meta"):
+        net = _network(cfg, len(shards.classes))
+    params = sum(p.numel() for p in net.parameters())
+    device = resolve_device(cfg.device)
+    need, have = 12 * params, device_memory(device)
+    if need > have:
+        raise TrainError(f"--clip {cfg.clip_len}x{cfg.crop}x{cfg.crop}: {cfg.model} would have {params:,} "
+                         f"parameters, {need / 2**30:.1f} GiB for weights, gradients and momentum alone, more than "
+                         f"the {have / 2**30:.1f} GiB of {device}; use a smaller clip")
+    return net
+
+
+def _network(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    return build_model(cfg.model, num_classes=num_classes, in_channels=3, clip=(cfg.clip_len, cfg.crop, cfg.crop),
+                       batch_norm=cfg.batch_norm, dropout=cfg.dropout, weight_init=cfg.weight_init)
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
@@ -100,10 +175,17 @@ def _resumed_config(cfg: TrainConfig, state: dict[str, Any], path: Path) -> tupl
 def init_from_checkpoint(net: nn.Module, path: Path | str, model_name: str) -> bool:
     """Copy a pre-trained checkpoint's weights into ``net`` (a ``model_name``); True when fc8 was left as built
     because the class count differs (e.g. FCVID pre-training -> UCF-101). Other shape mismatches are refused."""
+    weights, fresh_fc8 = init_weights(net.state_dict(), path, model_name)
+    net.load_state_dict(weights, strict=False)
+    return fresh_fc8
+
+
+def init_weights(own: dict[str, torch.Tensor], path: Path | str, model_name: str) -> tuple[dict[str, Any], bool]:
+    """The weights of checkpoint ``path`` that initialise a ``model_name`` whose state dict is ``own`` (shapes are
+    all that is read, so a network on the "meta" device will do), and whether fc8 stays fresh."""
     state = load_checkpoint(path)
     if state["model_name"] != model_name:
         raise TrainError(f"{path}: a {state['model_name']} checkpoint cannot initialise {model_name}")
-    own = net.state_dict()
     weights, fresh_fc8 = {}, False
     for key, value in state["model_state"].items():
         if key in own and own[key].shape != value.shape and key.startswith("fc8."):
@@ -115,8 +197,7 @@ def init_from_checkpoint(net: nn.Module, path: Path | str, model_name: str) -> b
     missing = sorted(set(own) - set(weights) - ({"fc8.weight", "fc8.bias"} if fresh_fc8 else set()))
     if missing:
         raise TrainError(f"{path}: lacks weights {', '.join(missing[:3])} (another --batch-norm setting?)")
-    net.load_state_dict(weights, strict=False)
-    return fresh_fc8
+    return weights, fresh_fc8
 
 
 def _optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
@@ -145,23 +226,15 @@ def _step_decay(step: int, gamma: float) -> Any:
 class _Run:
     """One training run: set up from config (and checkpoint), then :meth:`fit`."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, plan: RunPlan):
+        cfg = self.cfg = plan.cfg
         rank, world, local_rank = torchrun_world()
         self.env = Env(rank, world, resolve_device(cfg.device, local_rank))
         self.out = Path(cfg.out_dir)
-        last = self.out / "last.pt"
-        resume = None
-        if cfg.resume:
-            if not last.is_file():
-                raise TrainError(f"{last}: nothing to resume (no checkpoint there)")
-            resume = load_checkpoint(last)
-            cfg, ignored = _resumed_config(cfg, resume, last)
-            if ignored:
-                self.log(f"resuming {last} with its own settings; ignoring {', '.join(ignored)}")
-        elif last.exists():
-            raise TrainError(f"{self.out}: already holds a run (last.pt); pass --resume to continue it or "
-                             "choose another --out")
-        self.cfg = cfg
+        self.shard_identity = plan.shards
+        resume = plan.resume
+        if plan.ignored:
+            self.log(f"resuming {self.out / 'last.pt'} with its own settings; ignoring {', '.join(plan.ignored)}")
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -169,9 +242,6 @@ class _Run:
         shards = open_training_shards(cfg.shard_dir, cfg.input)
         self.classes = shards.classes
         self.schema = shards.schema.to_dict()  # how the shards were made, so `asym3d predict` can make its input
-        if resume is not None and list(resume["classes"]) != self.classes:
-            raise TrainError(f"{last}: the run was trained on {len(resume['classes'])} classes, {cfg.shard_dir} has "
-                             f"{len(self.classes)} (or other names); refusing to resume (use another --out)")
         self.videos = split_videos(shards, cfg.split, cfg.input, cfg.max_missing)
         if self.videos.absent:
             self.log(f"{cfg.shard_dir}: {self.videos.absent} of {self.videos.planned} planned videos are absent "
@@ -183,9 +253,7 @@ class _Run:
             self.normalization = {"mean": mean, "std": std}
         shards.close()  # workers fork from here: each must open its own HDF5 handles
 
-        self.net = build_model(cfg.model, num_classes=len(self.classes), in_channels=3,
-                               clip=(cfg.clip_len, cfg.crop, cfg.crop), batch_norm=cfg.batch_norm, dropout=cfg.dropout,
-                               weight_init=cfg.weight_init)
+        self.net = _network(cfg, len(self.classes))
         # the checkpoint's architecture is the network's own record of how it was built (model.networks.Net3D.arch)
         self.model_kwargs = {k: list(v) if k == "clip" else v for k, v in self.net.arch.items() if k != "name"}
         if cfg.init and resume is None:
@@ -326,6 +394,7 @@ class _Run:
             "schema": self.schema,
             "rng_state": capture_rng_state(),
             "metrics": metrics,
+            "shards": self.shard_identity,
         }
 
     def fit(self) -> dict[str, Any]:
@@ -333,7 +402,7 @@ class _Run:
         has_val = bool(self.videos.test)
         if self.env.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            run_info = {"config": dataclasses.asdict(cfg), "classes": self.classes,
+            run_info = {"config": dataclasses.asdict(cfg), "shards": self.shard_identity, "classes": self.classes,
                         "normalization": self.normalization, "model_kwargs": self.model_kwargs,
                         "train_videos": len(self.videos.train), "test_videos": len(self.videos.test),
                         "absent_videos": self.videos.absent}

@@ -14,7 +14,9 @@ worker (:func:`process_chained`): the flow rounded to its stored precision, the 
 the decoded frames, byte for byte the shard build-rgbf writes from the flow shard, which is never written (unless
 ``keep_flow``). The peak disk is the training shards alone, and the host does none of the flow shard's compression,
 checksums, reading back and deletion (BENCHMARKS.md, issue 21). Both directories are declared, locked and resumed
-by the stage driver (:mod:`pipeline.stage`).
+by the stage driver (:mod:`pipeline.stage`). With ``encode_workers`` (``--jobs 1`` only) the process holding the
+flow backend keeps decoding ahead and computing flow while a pool of that many processes makes the training images
+and JPEG, in a bounded window written back in order: one device owner fed and drained by CPU pools.
 
 The schema (the output's identity) holds the decoding and the flow algorithm with its parameters; the backend,
 device, batch size, timeout and library versions are recorded beside it, so ``--retry-failed --timeout 60`` or a
@@ -25,8 +27,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -42,8 +47,9 @@ from pipeline.errors import Asym3dError, ConfigError
 from pipeline.flow import MIN_FRAME_SIDE, backend_record, flow_identity, make_backend
 from pipeline.stage import DEFAULT_MAX_FAILURES, Output, ShardResult, Stage, TooManyFailures  # noqa: F401 - API
 from pipeline.rgbf import RGBFError
-from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, damaged_shard, library_versions,
-                            open_shard, os_reason, shard_name, stored_values)
+from pipeline.runner import exit_with_parent
+from pipeline.store import (FieldSpec, Schema, ShardWriter, StoreError, VideoMeta, damaged_shard, decode_field,
+                            encode_values, library_versions, open_shard, os_reason, shard_name, stored_values)
 from pipeline.verify import Damage
 from pipeline.tvl1_params import TVL1Params
 
@@ -73,8 +79,13 @@ class ExtractConfig:
     videos_per_shard: int = 50
     flow_field: FieldSpec = FLOW_FIELD
     rgb_field: FieldSpec = RGB_FIELD
+    # --train-dir: processes that compute the training images and JPEG while this one decodes ahead and runs the
+    # flow backend (0: in this process). One device owner, its CPU pools: see process_chained.
+    encode_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.encode_workers < 0:
+            raise ConfigError(f"--encode-workers must be 0 or more, got {self.encode_workers}")
         if min(self.decode.height, self.decode.width) < MIN_FRAME_SIDE:
             raise ConfigError(f"--size {self.decode.height}x{self.decode.width}: optical flow needs frames of at "
                               f"least {MIN_FRAME_SIDE} pixels a side")
@@ -91,7 +102,8 @@ class ExtractConfig:
         """What is asked (never compared on resume): library versions, backend options and limits. Each shard adds
         what really ran there (:func:`pipeline.flow.backend_record`), resolved by the worker that wrote it."""
         return {"libraries": library_versions(), "backend": self.backend, "device": self.device,
-                "batch_size": self.batch_size, "solver": self.solver, "timeout_s": self.decode.timeout_s}
+                "batch_size": self.batch_size, "solver": self.solver, "timeout_s": self.decode.timeout_s,
+                "encode_workers": self.encode_workers}
 
     def make_backend(self):
         """This worker's backend: ``auto`` and the device are resolved where the work runs, not where it was planned."""
@@ -228,25 +240,62 @@ def _chained_in_memory(task: ChainedTask, earlier: Path | None) -> ShardResult:
                 {**flow_task.recorded, **backend_record(backend)}))
         todo = _copy_finished(earlier, flow_task.records, train)
         ok = len(flow_task.records) - len(todo)
+        pool = _encode_pool(cfg.encode_workers) if cfg.encode_workers else None
+        window: collections.deque = collections.deque()  # (record, training frames or their future), in order
+
+        def write_oldest() -> None:
+            nonlocal ok
+            record, training = window.popleft()
+            try:
+                training = training.result() if pool is not None else training
+            except RGBFError as exc:
+                build_failures.append((record, f"build-rgbf: {exc}"))
+                return
+            train.add_video(_meta(record), {name: training[name] for name in names})
+            ok += 1
+
         for record, frames, flow in _computed(todo, cfg, backend, flow_out or train):
             if flow_out is not None:
                 flow_out.add_video(_meta(record), {"rgb": frames, "flow": flow})
             frames_done += len(frames)
-            try:  # the flow as build-rgbf would read it back from the flow shard, step by step
-                training = video_training_frames(
-                    len(frames), lambda a, b: frames[a:b], lambda a, b: stored_values(cfg.flow_field, flow[a:b]),
-                    task.train_schema, task.train.cfg.flow_bound)
-            except RGBFError as exc:
-                build_failures.append((record, f"build-rgbf: {exc}"))
-                continue
-            train.add_video(_meta(record), {name: training[name] for name in names})
-            ok += 1
+            if pool is not None:  # int16 as stored: half the bytes to send, the same numbers read back
+                window.append((record, pool.submit(_training_video, frames, encode_values(cfg.flow_field, flow),
+                                                   cfg.flow_field, task.train_schema, task.train.cfg.flow_bound)))
+            else:
+                try:
+                    window.append((record, _training_video(frames, flow, cfg.flow_field, task.train_schema,
+                                                           task.train.cfg.flow_bound)))
+                except RGBFError as exc:
+                    build_failures.append((record, f"build-rgbf: {exc}"))
+            while len(window) > (2 * cfg.encode_workers if pool is not None else 0):
+                write_oldest()
+        while window:
+            write_oldest()
         if flow_out is not None:
             for failure in flow_out.failures:
                 train.add_failure(failure["video_id"], failure["path"], failure["reason"])
         for record, reason in build_failures:
             train.add_failure(record.video_id, str(record.path), reason)
     return ShardResult(flow_task.index, ok, train.failures, frames_done, skipped=False, ran=_ran(backend))
+
+
+def _training_video(frames: np.ndarray, flow: np.ndarray, field: FieldSpec, schema: Schema, flow_bound: float
+                    ) -> dict:
+    """One video's training frames from its decoded frames and its flow: float flow is rounded to ``field``'s stored
+    precision step by step; integer flow is as ``field`` stores it. Module-level: the encode pool runs it."""
+    if np.issubdtype(flow.dtype, np.floating):
+        flow_of = (lambda a, b: stored_values(field, flow[a:b]))
+    else:
+        flow_of = (lambda a, b: decode_field(field, flow[a:b]))
+    return video_training_frames(len(frames), lambda a, b: frames[a:b], flow_of, schema, flow_bound)
+
+
+@functools.lru_cache(maxsize=1)
+def _encode_pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool for the training images and JPEG (``ExtractConfig.encode_workers``), started once and
+    kept for every shard; its processes exit with this one (:func:`pipeline.runner.exit_with_parent`)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
 
 
 def _shard_result(path: Path, index: int) -> ShardResult:
@@ -355,6 +404,10 @@ def extract_flow(index: DatasetIndex, out_dir: Path, cfg: ExtractConfig, *, jobs
     with :class:`TooManyFailures`. ``train``: build each shard's training shard as soon as its flow shard is
     complete (:func:`process_chained`), holding that directory's lock too; failures count the build's as well.
     """
+    if cfg.encode_workers and (jobs != 1 or scheduler):
+        # The pool is started by the backend's process; joblib's and dask's worker processes cannot start one.
+        raise ConfigError("--encode-workers runs with --jobs 1 (one process holding the flow backend), not with "
+                          "--jobs N or --scheduler")
     if not index.records:
         raise StoreError(f"{index.root}: the {index.kind} index holds no videos")
     schema, recorded = cfg.schema(), cfg.recorded()

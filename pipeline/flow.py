@@ -37,6 +37,7 @@ __all__ = [
     "FlowBackend",
     "FlowBackendUnavailable",
     "TORCH_SOLVERS",
+    "TVL1_BACKENDS",
     "TVL1Params",
     "backend_metadata",
     "backend_record",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cuda", "cpu", "torch", "dis", "farneback")
+TVL1_BACKENDS = ("auto", "cpu", "cuda", "torch")  # the backends that compute TV-L1 (auto only ever picks one of them)
 TORCH_SOLVERS = ("auto", *SOLVERS)
 # Default torch TV-L1 batch on a GPU, in pixels of all its pairs: 1024 pairs at 171x128. The solver is launch-bound
 # below that (the device check: 64 pairs took 1.57 s, 1024 pairs 2.37 s on an H200).
@@ -314,7 +316,7 @@ def backend_metadata(backend: FlowBackend) -> dict[str, Any]:
 def flow_identity(name: str, params: TVL1Params = TVL1Params()) -> dict[str, Any]:
     """:func:`backend_metadata` of backend ``name`` without building it: every TV-L1 backend (and ``auto``, which
     only ever picks one) computes the same flow, so a planning machine without the worker's GPU states it too."""
-    if name in ("auto", "cpu", "cuda", "torch"):
+    if name in TVL1_BACKENDS:
         return {"algorithm": "tvl1", "is_tvl1": True, "params": dataclasses.asdict(params)}
     return backend_metadata(make_backend(name, params))
 

@@ -65,6 +65,13 @@ def _die_with_parent(parent: int, fn: Callable[[Any], Any], task: Any) -> Any:
     by ``kill -9``, which no handler sees). Polling rather than ``PR_SET_PDEATHSIG`` because that signal follows the
     parent *thread*, and joblib starts workers from helper threads.
     """
+    exit_with_parent(parent)
+    return fn(task)
+
+
+def exit_with_parent(parent: int) -> None:
+    """Make this worker process exit as soon as ``parent`` is gone (once per process; see :func:`_die_with_parent`).
+    Also the initializer of the pools a stage's worker starts itself (pipeline.extract's encode pool)."""
     global _guarded_parent
     if os.getppid() == parent and _guarded_parent != parent:
         _guarded_parent = parent
@@ -75,7 +82,6 @@ def _die_with_parent(parent: int, fn: Callable[[Any], Any], task: Any) -> Any:
             os._exit(1)
 
         threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-    return fn(task)
 
 
 def _iter_results(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int, scheduler: str | None) -> Iterator[Any]:

@@ -124,6 +124,9 @@ for input in rgb rgbf; do
         printf '%-34s already done\n' "evaluate $input"
         continue
     fi
+    # a report names the checkpoints it scored, so one of checkpoints trained since is refused, not replaced:
+    # the demo drops its own stale report (and the fusion made from it) first
+    rm -rf "$RUNS/$input/eval" "$RUNS/rgb/eval/fused_rgb+rgbf"
     stage "evaluate $input (splits $split_list)" "$LOGS/evaluate_$input.log" \
         asym3d evaluate "$RUNS/$input" --splits "$split_list" --clips $CLIPS --crops $CROPS
 done

@@ -107,14 +107,17 @@ def test_loader_vs_trainer() -> None:
 
 def test_step_time() -> None:
     out = run_bench("step_time.py", "--batch", "1", "--clip", "16x16x16", "--iters", "1", "--warmup", "0",
-                    "--variants", "b5-asyConv345", "--stages", "--sgd")
+                    "--variants", "b5-asyConv345", "--stages", "--kernels", "2", "--sgd")
     assert re.search(r"^network +GMACs +MAC ratio +step ms +time ratio +CPU-time ratio$", out, re.MULTILINE)
     baseline, variant = row(out, "c3d-b5 "), row(out, "b5-asyConv345 ")
     assert number(baseline[2]) == 1.0 and number(baseline[4]) == 1.0 and number(baseline[3]) > 0
     assert number(variant[2]) < 1.0 and number(variant[4]) > 0  # the cascades cost fewer MACs
-    assert "per stage (forward+backward, conv block + pool): c3d-b5 vs b5-asyConv345" in out
+    assert "per stage (forward+backward, conv block + pool, CPU time): c3d-b5 vs b5-asyConv345" in out
     conv3 = row(out, "conv3 ")
     assert number(conv3[4]) < 1.0 and number(conv3[5]) > 0  # share, GMACs base, variant, MAC ratio, time ratio
+    assert number(conv3[6]) > 0 and number(conv3[7]) > 0 and "n/a (no peak figures)" in " ".join(conv3)  # ms; CPU
+    kernels = row(out, "  conv3 b5-asyConv345:")  # the profiler's top operators of the cascade stage, timed
+    assert re.search(r"aten::\S+ x3 \d+ us", " ".join(kernels))  # three convolutions where c3d-b5 has one
     assert re.search(r"^network +params M +foreach ms +fused ms +time ratio +CPU-time ratio$", out, re.MULTILINE)
     sgd = [line.split() for line in out.splitlines() if line.startswith("b5-asyConv345 ")][-1]
     assert len(sgd) == 6 and all(number(cell) > 0 for cell in sgd[1:])
@@ -127,6 +130,13 @@ def test_storage() -> None:
         raw, jpeg = row(out, f"| {modality} | raw |"), row(out, f"| {modality} | jpeg q90 4:2:0 |")
         assert number(raw[3]) >= 1.0 and number(raw[4]) == 0.0 and number(raw[5]) > 0  # lossless, plus HDF5 overhead
         assert number(jpeg[3]) < 0.5 and number(jpeg[4]) > 0 and number(jpeg[6]) > 0
+
+
+def test_checkpoint_verify() -> None:
+    out = run_bench("checkpoint_verify.py", "--clip", "16x16x16", "--classes", "2", "--repeats", "1")
+    assert "| step | bare torch CPU s | verified CPU s | verified / bare |" in out
+    for step in ("save", "load"):
+        assert all(number(cell) > 0 for cell in row(out, f"| {step} |")[1:])
 
 
 def test_predict_time() -> None:

@@ -12,7 +12,11 @@ from click.testing import CliRunner
 
 import model
 from cli import main
+from model.checkpoint import CHECKPOINT_CHOICES
 from model.config import SCHEDULES, TrainConfig
+from model.export import EXPORT_FORMATS
+from model.features import FEATURE_LAYERS, extract_features, video_sources
+from model.predict import Prediction, load_run, predict_videos
 from model.counting import model_summary
 from model.clips import CROP_CHOICES
 from model.evaluate import evaluate_run
@@ -23,7 +27,7 @@ from pipeline.datasets import DATASET_KINDS, index_dataset
 from pipeline.decode import DecodeConfig
 from pipeline.demo_data import MAX_FRAMES, MOTIONS, NUM_SPLITS, DemoDataError, make_demo_dataset, plan_videos
 from pipeline.extract import ExtractConfig, extract_flow
-from pipeline.flow import BACKENDS, TORCH_SOLVERS
+from pipeline.flow import BACKENDS, TORCH_SOLVERS, TVL1_BACKENDS
 from pipeline.inspect import render_strip
 from pipeline.rgbf import MODALITIES
 from pipeline.tvl1_params import TVL1Params
@@ -40,6 +44,14 @@ LIBRARY_CHOICES = {
     ("train", "weight_init"): WEIGHT_INITS,
     ("train", "precision"): PRECISIONS,
     ("evaluate", "crops"): tuple(str(n) for n in CROP_CHOICES),
+    ("predict", "crops"): tuple(str(n) for n in CROP_CHOICES),
+    ("predict", "choice"): CHECKPOINT_CHOICES,
+    ("predict", "flow_backend"): TVL1_BACKENDS,
+    ("features", "choice"): CHECKPOINT_CHOICES,
+    ("features", "flow_backend"): TVL1_BACKENDS,
+    ("features", "layer"): tuple(FEATURE_LAYERS),
+    ("export", "fmt"): EXPORT_FORMATS,
+    ("export", "choice"): CHECKPOINT_CHOICES,
 }
 # Choices with no library constant to mirror, checked against what the library accepts instead.
 ACCEPTED_CHOICES = {
@@ -57,12 +69,17 @@ LIBRARY_DEFAULTS = {
     "make-demo-data": ([make_demo_dataset], {"size": ("height", "width")}),
     "train": ([TrainConfig], {"modality": ("input",), "clip": ("clip_len", "crop", "crop")}),
     "evaluate": ([evaluate_run], {}),
+    "predict": ([predict_videos, load_run, Prediction.top], {"flow_backend": ("flow_backend_name",), "top_k": ("k",)}),
+    "features": ([extract_features, video_sources, load_run], {"flow_backend": ("flow_backend_name",)}),
+    "export": ([load_run], {}),
 }
 # Defaults the CLI has and the library does not (the library takes them as required arguments).
 CLI_ONLY_DEFAULTS = {
     ("extract-flow", "kind"): "index_dataset takes the kind as a required argument",
     ("evaluate", "splits"): "evaluate_run takes the splits as a required argument",
 }
+# --device auto is resolved by the CLI (model.runtime.resolve_device); the library takes the resolved device.
+RESOLVED_BY_CLI = {("predict", "device"), ("features", "device")}
 
 
 def _commands() -> dict[str, click.Command]:
@@ -119,6 +136,9 @@ def test_defaults_are_the_library_defaults(name: str) -> None:
         if option.is_flag or not option.show_default:  # the defaults --help shows
             continue
         key = (name, option.name)
+        if key in RESOLVED_BY_CLI:
+            assert _cli_default(command, option) == "auto", key
+            continue
         if key in CLI_ONLY_DEFAULTS:
             assert _library_default(targets, renames.get(option.name, (option.name,))) is None, key
             continue

@@ -24,6 +24,7 @@ from model.evaluate import evaluate_split
 from model.reports import load_scores, save_scores, write_reports
 from model.results import EvaluationError, SplitResult, confusion_matrix, video_metrics
 from model.fusion import fuse_results, parse_weights
+from pipeline.lock import DirectoryLock
 from pipeline.store import FieldSpec, Schema, ShardSet, ShardWriter, VideoMeta, prepare_output, shard_name
 
 CLASSES = ["jump", "run", "wave"]
@@ -235,11 +236,12 @@ def test_a_report_of_other_splits_or_checkpoints_is_never_replaced(tmp_path):
     result = SplitResult(1, ["a", "b"], np.array([0, 1]), np.eye(2, len(CLASSES), dtype=np.float32), CLASSES,
                          np.full(2, 250), source={"choice": "best"})
     best = {"splits": [1], "checkpoints": ["best"], "clips": 25, "crops": 10, "shards": None}
-    write_reports([result], tmp_path / "eval", identity=best)
-    write_reports([result], tmp_path / "eval", identity=best)  # the same evaluation again: replaced
-    before = (tmp_path / "eval" / "results.json").read_bytes()
-    with pytest.raises(EvaluationError, match="results.json: holds a report of .*'best'.*refusing to replace it"):
-        write_reports([result], tmp_path / "eval", identity={**best, "checkpoints": ["last"]})
+    with DirectoryLock(tmp_path / "eval"):  # as its callers hold it
+        write_reports([result], tmp_path / "eval", identity=best)
+        write_reports([result], tmp_path / "eval", identity=best)  # the same evaluation again: replaced
+        before = (tmp_path / "eval" / "results.json").read_bytes()
+        with pytest.raises(EvaluationError, match="results.json: holds a report of .*'best'.*refusing to replace"):
+            write_reports([result], tmp_path / "eval", identity={**best, "checkpoints": ["last"]})
     assert (tmp_path / "eval" / "results.json").read_bytes() == before
 
 
@@ -253,13 +255,15 @@ def test_fusion_refuses_scores_from_different_checkpoint_choices(tmp_path):
     assert res.exit_code == 1 and "different checkpoint choices" in res.output and "'last'" in res.output
 
 
-def test_cli_single_split_run_hints_at_checkpoint_and_bad_devices_are_one_line(tmp_path, net_state):
+def test_cli_a_checkpoint_path_and_bad_devices_are_one_line(tmp_path, net_state):
+    """A directory that holds a checkpoint but no run.json (not made by train) is not a run; --checkpoint PATH
+    evaluates the file. (Both layouts train writes: tests/test_runs.py.)"""
     shard_dir = write_shards(tmp_path / "shards")
     run = tmp_path / "single"
     run.mkdir()
-    save_checkpoint(run / "best.pt", checkpoint(net_state, shard_dir, split=1))  # `train` without --splits
+    save_checkpoint(run / "best.pt", checkpoint(net_state, shard_dir, split=1))
     res = CliRunner().invoke(main, ["evaluate", str(run), "--splits", "1", "--device", "cpu"])
-    assert res.exit_code == 1 and f"pass --checkpoint {run / 'best.pt'}" in res.output
+    assert res.exit_code == 1 and f"{run / 'split1' / 'best.pt'}: no checkpoint for split 1" in res.output
     res = CliRunner().invoke(main, ["evaluate", str(run), "--splits", "1", "--checkpoint", str(run / "best.pt"),
                                     "--clips", "1", "--crops", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output

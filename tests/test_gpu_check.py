@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("tvl1", "extract", "train", "steps", "loader", "evaluate", "ddp", "predict")
+SECTIONS = ("tvl1", "extract", "train", "steps", "stages", "fused", "loader", "evaluate", "ddp", "predict")
 
 
 def test_smoke_run_passes_every_section(tmp_path: Path) -> None:

@@ -5,12 +5,19 @@ memory must be the files the two stages write, byte for byte, with and without -
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -146,8 +153,6 @@ def test_a_shard_of_another_configuration_names_the_difference(two_stages, tmp_p
 
 def test_host_cost_bench_runs_at_a_tiny_size(capsys) -> None:
     """bench/host_cost.py on the repository's real clips, 4 frames each, DIS flow."""
-    import sys
-
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import host_cost
@@ -161,3 +166,57 @@ def test_host_cost_bench_runs_at_a_tiny_size(capsys) -> None:
     assert set(rows) == {"two stages", "--train-dir"}
     for total, startup, beyond, ratio in rows.values():
         assert float(total) > float(startup) > 0 and np.isfinite(float(beyond)) and np.isfinite(float(ratio))
+
+
+def test_encode_workers_write_the_same_shards_with_the_torch_backend_on_the_cpu(two_stages, tmp_path: Path) -> None:
+    """One process holds the flow backend (torch TV-L1 on the CPU), two spawned processes compute the training
+    images and JPEG: the files are those the backend's process writes alone, byte for byte."""
+    root, _, _ = two_stages
+    index = index_dataset("folder", root)
+    cfg = ExtractConfig(decode=DecodeConfig(max_frames=4), backend="torch", device="cpu", videos_per_shard=2)
+    alone = extract_flow(index, tmp_path / "f0", cfg, train=FollowOn(tmp_path / "t0"), progress=False)
+    pooled = extract_flow(index, tmp_path / "f2", dataclasses.replace(cfg, encode_workers=2),
+                          train=FollowOn(tmp_path / "t2"), progress=False)
+    assert alone.videos_ok == pooled.videos_ok == 4 and pooled.failures == alone.failures
+    assert _shards(tmp_path / "t2") == _shards(tmp_path / "t0") and len(_shards(tmp_path / "t0")) == 3
+    assert json.loads((tmp_path / "f2" / "dataset.json").read_text())["recorded"]["encode_workers"] == 2
+    refused = CliRunner().invoke(main, ["extract-flow", str(root), str(tmp_path / "f3"), "--train-dir",
+                                        str(tmp_path / "t3"), "--encode-workers", "2", "--jobs", "2"])
+    assert refused.exit_code == 1 and "Error: --encode-workers runs with --jobs 1" in refused.output
+    assert not (tmp_path / "f3").exists() and not (tmp_path / "t3").exists()
+
+
+def test_encode_workers_exit_with_a_killed_run_and_the_rerun_finishes(two_stages, tmp_path: Path) -> None:
+    root, _, _ = two_stages
+    flow, train = tmp_path / "flow", tmp_path / "train"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "extract-flow", str(root), str(flow), "--backend", "cpu",
+                             "--max-frames", "6", "--videos-per-shard", "1", "--train-dir", str(train),
+                             "--encode-workers", "2"], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    while not (train / "shard-00000.h5").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = [p for p in parent.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert workers, "the kill should land while the encode pool runs"
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"encode workers outlived their parent: {alive}"
+    cfg = ExtractConfig(decode=DecodeConfig(max_frames=6), backend="cpu", videos_per_shard=1)
+    summary = extract_flow(index_dataset("folder", root), flow, cfg, train=FollowOn(train), progress=False)
+    assert summary.videos_ok == 4 and summary.shards_skipped >= 1 and not list(train.glob("*.tmp.*"))
+
+
+def test_owner_pools_bench_runs_at_a_tiny_size(capsys) -> None:
+    """bench/owner_pools.py on two real clips, 3 frames each: one process, one with an encode worker, --jobs 2."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import owner_pools
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    owner_pools.main(["--clips", str(CLIPS / "ucf101"), "--max-frames", "3", "--rows", "0,1,jobs2"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["one process", "one backend process + 1 encode workers",
+                                            "--jobs 2, one process per shard"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
