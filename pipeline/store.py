@@ -219,50 +219,58 @@ def _plain(value: Any) -> Any:
 
 
 def _attributes(obj: h5py.Group) -> dict[str, Any]:
-    return {name: _plain(value) for name, value in obj.attrs.items() if name != DIGEST_ATTR}
+    """Every attribute of ``obj`` as JSON values, its checksum included; read once (reading is most of the cost)."""
+    return {name: _plain(value) for name, value in obj.attrs.items()}
 
 
-def _shard_digest(f: h5py.File) -> str:
+def _checked(attributes: dict[str, Any]) -> dict[str, Any]:
+    """What a checksum covers: every attribute but the checksum itself."""
+    return {name: value for name, value in attributes.items() if name != DIGEST_ATTR}
+
+
+def _shard_digest(attributes: dict[str, Any], videos: list[tuple[str, dict[str, Any]]]) -> str:
     """The shard's own attributes and its list of videos (group name and id), so a video cannot vanish or move."""
-    videos = [[key, _plain(group.attrs.get("video_id"))] for key, group in f["videos"].items()]
-    return content_digest({"attributes": _attributes(f), "videos": videos})
+    listed = [[key, video.get("video_id")] for key, video in videos]
+    return content_digest({"attributes": _checked(attributes), "videos": listed})
+
+
+def read_metadata(f: h5py.File) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """The attributes of an open shard and of each of its video groups (``(group name, attributes)``), unchecked."""
+    return _attributes(f), [(key, _attributes(group)) for key, group in f["videos"].items()]
 
 
 def seal_shard(f: h5py.File) -> None:
     """Write the metadata checksums of an open, writable shard: each video group's, then the shard's."""
     for group in f["videos"].values():
-        group.attrs[DIGEST_ATTR] = content_digest(_attributes(group))
-    f.attrs[DIGEST_ATTR] = _shard_digest(f)
+        group.attrs[DIGEST_ATTR] = content_digest(_checked(_attributes(group)))
+    attributes, videos = read_metadata(f)
+    f.attrs[DIGEST_ATTR] = _shard_digest(attributes, videos)
 
 
-def _video_name(group: h5py.Group, key: str) -> str:
-    try:
-        return str(group.attrs["video_id"])
-    except (KeyError, OSError):
-        return f"(entry {key})"
-
-
-def metadata_damage(f: h5py.File) -> tuple[bool, list[tuple[str, str]]]:
-    """Whether the open shard carries metadata checksums, and each ``(video id or "", reason)`` they find damaged.
+def metadata_damage(attributes: dict[str, Any], videos: list[tuple[str, dict[str, Any]]]
+                    ) -> tuple[bool, list[tuple[str, str]]]:
+    """Whether a shard (its :func:`read_metadata`) carries metadata checksums, and each ``(video id or "", reason)``
+    they find damaged.
 
     A shard without any checksum (written before them) is readable but unverifiable; an attribute name it could not
     have had then is damage (a flipped bit in a checksum's own name)."""
-    groups = list(f["videos"].items())
-    sealed = DIGEST_ATTR in f.attrs or any(DIGEST_ATTR in group.attrs for _, group in groups)
+    def name(key: str, video: dict[str, Any]) -> str:
+        return str(video.get("video_id", f"(entry {key})"))
+
     damage = []
-    if not sealed:
-        if set(f.attrs) - LEGACY_SHARD_ATTRS:
-            damage.append(("", f"unexpected attributes {', '.join(sorted(set(f.attrs) - LEGACY_SHARD_ATTRS))}"))
-        for key, group in groups:
-            if set(group.attrs) - LEGACY_VIDEO_ATTRS:
-                damage.append((_video_name(group, key), "unexpected attributes "
-                               f"{', '.join(sorted(set(group.attrs) - LEGACY_VIDEO_ATTRS))}"))
+    if DIGEST_ATTR not in attributes and not any(DIGEST_ATTR in video for _, video in videos):
+        if set(attributes) - LEGACY_SHARD_ATTRS:
+            damage.append(("", f"unexpected attributes {', '.join(sorted(set(attributes) - LEGACY_SHARD_ATTRS))}"))
+        for key, video in videos:
+            if set(video) - LEGACY_VIDEO_ATTRS:
+                damage.append((name(key, video), "unexpected attributes "
+                               f"{', '.join(sorted(set(video) - LEGACY_VIDEO_ATTRS))}"))
         return False, damage
-    for key, group in groups:
-        if _plain(group.attrs.get(DIGEST_ATTR)) != content_digest(_attributes(group)):
-            damage.append((_video_name(group, key), "metadata (label, class name, splits, frame count, source) fails "
-                                                    "its checksum"))
-    if _plain(f.attrs.get(DIGEST_ATTR)) != _shard_digest(f):
+    for key, video in videos:
+        if video.get(DIGEST_ATTR) != content_digest(_checked(video)):
+            damage.append((name(key, video), "metadata (label, class name, splits, frame count, source) fails its "
+                                             "checksum"))
+    if attributes.get(DIGEST_ATTR) != _shard_digest(attributes, videos):
         damage.append(("", "shard attributes (schema, failures, list of videos) fail their checksum"))
     return True, damage
 
@@ -592,10 +600,10 @@ class ShardWriter:
         """Copy a finished video from an earlier shard of the same schema byte for byte (no recomputation). Its
         metadata checksum is checked first (when it has one): the new shard's seal must not bless damage."""
         group = source["videos"][key]
-        stored = group.attrs.get(DIGEST_ATTR)
-        if stored is not None and _plain(stored) != content_digest(_attributes(group)):
-            raise damaged_shard(source.filename, ValueError(f"video {_video_name(group, key)!r}: metadata fails its "
-                                                            "checksum"))
+        attributes = _attributes(group)
+        if DIGEST_ATTR in attributes and attributes[DIGEST_ATTR] != content_digest(_checked(attributes)):
+            raise damaged_shard(source.filename, ValueError(f"video {attributes.get('video_id')!r}: metadata fails "
+                                                            "its checksum"))
         source.copy(group, self._videos, name=f"{len(self._videos):04d}")
         self._file.flush()
 
@@ -708,13 +716,13 @@ class VideoEntry:
 def video_entries(f: h5py.File, shard: str) -> list[VideoEntry]:
     """The videos of one open shard named ``shard``, from their attributes, checked against their checksums
     (KeyError, ValueError when damaged)."""
-    _, damage = metadata_damage(f)
+    attributes, groups = read_metadata(f)
+    _, damage = metadata_damage(attributes, groups)
     if damage:
         video_id, reason = damage[0]
         raise ValueError(f"video {video_id!r}: {reason}" if video_id else reason)
     videos = []
-    for key, group in f["videos"].items():
-        a = group.attrs
+    for key, a in groups:
         videos.append(VideoEntry(
             video_id=str(a["video_id"]), label=int(a["label"]), label_name=str(a["label_name"]),
             n_frames=int(a["n_frames"]), shard=shard, key=key, source=str(a["source"]),

@@ -22,7 +22,7 @@ import h5py
 
 from pipeline.store import (MANIFEST_FILE, MANIFEST_KEYS, SCHEMA_FILE, SHARD_GLOB, DamagedError, Schema, StoreError,
                             configuration_differences, load_dataset_meta, metadata_damage, os_reason, read_checked,
-                            read_dataset_meta, read_json_sealed, write_error)
+                            read_dataset_meta, read_json_sealed, read_metadata, write_error)
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -47,7 +47,7 @@ def verify_shard(path: Path, schema: Schema) -> list[Damage]:
                 return [Damage(path, "", f"its schema differs from dataset.json ({'; '.join(diff[:3])})")]
             json.loads(f.attrs.get("failures", "[]"))
             keys = list(f["videos"])
-            damage = [Damage(path, video_id, reason) for video_id, reason in metadata_damage(f)[1]]
+            damage = [Damage(path, video_id, reason) for video_id, reason in metadata_damage(*read_metadata(f))[1]]
             for key in keys:
                 damage.extend(_verify_video(path, f["videos"], key, schema))
             return damage
@@ -99,7 +99,7 @@ def unverifiable(root: Path) -> list[str]:
     names = [] if read_dataset_meta(root)[1] else [SCHEMA_FILE]
     for path in sorted(root.glob(SHARD_GLOB)):
         with h5py.File(path, "r") as f:
-            if not metadata_damage(f)[0]:
+            if not metadata_damage(*read_metadata(f))[0]:
                 names.append(path.name)
     manifest = root / MANIFEST_FILE
     if manifest.exists() and not read_json_sealed(manifest, MANIFEST_KEYS)[1]:
