@@ -14,9 +14,10 @@ worker (:func:`process_chained`): the flow rounded to its stored precision, the 
 the decoded frames, byte for byte the shard build-rgbf writes from the flow shard, which is never written (unless
 ``keep_flow``). The peak disk is the training shards alone, and the host does none of the flow shard's compression,
 checksums, reading back and deletion (BENCHMARKS.md, issue 21). Both directories are declared, locked and resumed
-by the stage driver (:mod:`pipeline.stage`). With ``encode_workers`` (``--jobs 1``, or per dask worker) the process holding the
-flow backend keeps decoding ahead and computing flow while a pool of that many processes makes the training images
-and JPEG, in a bounded window written back in order: one device owner fed and drained by CPU pools.
+by the stage driver (:mod:`pipeline.stage`). With ``encode_workers`` (``--jobs 1``, or per dask worker) the
+process holding the flow backend keeps decoding ahead and computing flow while a pool of that many processes makes
+the training images and JPEG, in a bounded window written back in order: one device owner fed and drained by CPU
+pools.
 
 The schema (the output's identity) holds the decoding and the flow algorithm with its parameters; the backend,
 device, batch size, timeout and library versions are recorded beside it, so ``--retry-failed --timeout 60`` or a
