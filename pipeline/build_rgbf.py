@@ -276,7 +276,8 @@ def process_shard(task: ShardTask) -> ShardResult:
                 writer.add_failure(video.video_id, video.source, f"build-rgbf: {exc}")
                 continue
             except (OSError, DamagedError) as exc:  # the input fails its checksum or cannot be read
-                reason = f"build-rgbf: {task.source}: damaged input ({os_reason(exc)}); see asym3d extract-flow --repair"
+                reason = (f"build-rgbf: {task.source}: damaged input ({os_reason(exc)}); "
+                          "see asym3d extract-flow --repair")
                 writer.add_failure(video.video_id, video.source, reason)
                 continue
             writer.add_video(VideoMeta(video.video_id, video.label, video.label_name, video.source, video.splits),
