@@ -37,9 +37,9 @@ except ImportError:  # the eager cascade is used instead (model.layers warns onc
     triton = None
 
 #: Tile sizes: output positions along W per program, and the channel blocks of each stage's contraction; warps per
-#: program. Chosen without a GPU, from ptxas's report for sm_90 (Triton 3.8, bf16, k 3, 256 channels): 8 warps and
-#: BLOCK_N 16 spilled least (624 bytes a thread; 4 warps 2,728, BLOCK_N 32 1,008) and in float32 halve the shared
-#: memory (112 KiB against 208). Their speed is measured by the device check, not here.
+#: program. Chosen without a GPU, from ptxas's report for sm_90 (bench/fused_compile.py; bf16, k 3, 256 channels):
+#: 8 warps and BLOCK_N 16 spilled least (624 bytes a thread; BLOCK_N 32: 1,008; 4 or 16 warps: 1,428-2,728) and
+#: in float32 halve the shared memory (112 KiB against 208). Their speed is measured by the device check, not here.
 BLOCK_W, BLOCK_C, BLOCK_L, BLOCK_N = 16, 32, 32, 16
 NUM_WARPS = 8
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 # Before Triton is imported: it reads TRITON_INTERPRET when its own library's jit functions and ours are decorated,
-# and again when an interpreted kernel calls one. Left set for the session (nothing else here runs Triton; the
-# fallback test and bench/fused_compile.py clear it for their processes).
+# and again when an interpreted kernel calls one (see the fixture below). Left set for the session: nothing else
+# here runs Triton; the fallback test and bench/fused_compile.py clear it for their processes.
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
@@ -27,6 +27,13 @@ from model import ASYM_3, ASYM_5, AsymConv3d, build_model, set_cascade_path  # n
 from model import fused_cascade  # noqa: E402
 
 assert fused_cascade.INTERPRETED, "model.fused_cascade was imported earlier without the interpreter"
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set again for each test: Triton reads it while an interpreted kernel runs, and another test may have
+    restored the environment it saw before this module was imported."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # (batch, in channels, out channels, T, H, W, kernels, channels_last)
