@@ -19,7 +19,7 @@ from pipeline.decode import DecodeConfig
 from pipeline import runner
 from pipeline.errors import Asym3dError
 from pipeline.extract import ExtractConfig, ShardTask, TooManyFailures, extract_flow, process_shard
-from pipeline.store import SCHEMA_FILE, ShardSet
+from pipeline.store import SCHEMA_FILE, SCHEMA_KEYS, ShardSet, read_json_sealed, write_json_sealed
 
 H, W = 48, 64
 
@@ -139,9 +139,9 @@ def test_a_library_upgrade_is_recorded_and_warned_not_refused(tmp_path: Path) ->
     out = tmp_path / "out"
     args = ["extract-flow", root, out, "--backend", "dis", "--size", f"{H}x{W}", "--videos-per-shard", "1"]
     assert _invoke(*args).exit_code == 0
-    meta = json.loads((out / SCHEMA_FILE).read_text())
+    meta, _ = read_json_sealed(out / SCHEMA_FILE, SCHEMA_KEYS)
     meta["recorded"]["libraries"]["opencv"] = "0.0.1"  # as if the first run had an older OpenCV
-    (out / SCHEMA_FILE).write_text(json.dumps(meta))
+    write_json_sealed(out / SCHEMA_FILE, meta)
     (out / "shard-00001.h5").unlink()  # one shard still to do
     rerun = _invoke(*args)
     assert rerun.exit_code == 0 and "library versions changed since the earlier run (opencv 0.0.1 ->" in rerun.output
