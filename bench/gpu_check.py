@@ -39,9 +39,14 @@ Here (the project's .venv; needs ffmpeg, OpenCV contrib and ``../shared/data/rea
                              # (GPU_WHEELS: simplejpeg, ffmpeg-python, its dependency future, imageio-ffmpeg)
 
 On the device (the device tool's ``run``): carry ``[".gpu_check"]`` (inputs and wheels, 49 MiB; the tree itself is
-~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...``: one call runs at most 600 s, and the sections'
-limits add up to 1,085 s, so run them as three calls: ``GPU_SECTIONS=extract`` (330 s, timeout_s ~400),
-``GPU_SECTIONS=steps,stages,fused`` (issue 25: 410 s, timeout_s 540) and the others (345 s, timeout_s ~420).
+~5 MiB), command ``make gpu-check GPU_OUT=$OUT GPU_SECTIONS=...``. A session has 15 minutes of device time in all
+(the machine's start included) and one call runs at most 600 s, while the sections' limits add up to 915 s; a
+section cut by its limit skips its last cells (each section orders them by priority) and says so. So, per session:
+
+1. ``GPU_SECTIONS=extract,steps`` (issues 21 and 25: 440 s, timeout_s 500);
+2. at once, on the still-warm machine, ``GPU_SECTIONS=stages,fused`` (130 s, timeout_s 170), then ``give_back``;
+3. the regression sections ``tvl1,train,loader,evaluate,ddp,predict`` (345 s, timeout_s ~420) in a later session.
+
 Everything else it imports (torch, triton, numpy, h5py, joblib, tqdm, matplotlib, opencv-python-headless) is in the
 device's image; OpenCV contrib is never imported there (its TV-L1 references are computed here).
 
@@ -117,10 +122,10 @@ class SpeedPlan:
     Estimate for FULL from the H200's run 2 (bf16, batch 16, eager: 10-14 ms per step, 21 nets in 34 s with building
     and cuDNN autotuning, ~1.6 s a net): bf16 eager cells ~25 s (batch 16) and ~35 s (batch 64) for 16 nets; graph
     cells ~2 s a net; tf32 and fp32 eager cells ~15-30 s for 5 nets (fp32 without tensor cores: ~40-300 ms a step);
-    a compiled cell ~15 s of compiling a net (run 1: 9-15 s more than eager per overfit run). steps' 250 s cover
+    a compiled cell ~15 s of compiling a net (run 1: 9-15 s more than eager per overfit run). steps' 200 s cover
     the bf16, tf32 and fp32 eager and graph cells and the first compiled cell; the later compiled cells run if time
-    is left. stages ~30 s a batch size, fused ~60 s with Triton's compiling. With ~20 s of start-up the three
-    sections fit one call of under 8 minutes."""
+    is left. stages ~30 s a batch size, fused ~60 s with Triton's compiling. With ~20 s of start-up each, steps
+    (beside extract) and stages + fused fit the session's two calls (see the module docstring)."""
 
     clip: tuple[int, int, int]
     rounds: int  # timed rounds
@@ -221,9 +226,10 @@ FULL = Plan(
                                            ("Basketball", "g02_c03"), ("Biking", "g05_c02"), ("HeadMassage", "g02_c05"),
                                            ("PlayingGuitar", "g16_c02"), ("Punch", "g03_c01"), ("PushUps", "g02_c03"),
                                            ("Shotput", "g05_c02"))],
-    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000, extract_encode_workers=[0, 8],
+    # encode workers 8 (the host path issue 21 builds) first, so that the limit cuts the single-process row
+    extract_solvers=["compiled"], extract_max_frames=20000, extract_pairs=20000, extract_encode_workers=[8, 0],
     solver_batch=1024, solver_modes=["compiled", "reduce-overhead"],
-    limits={"tvl1": 110, "extract": 330, "train": 130, "steps": 250, "stages": 70, "fused": 90, "loader": 20,
+    limits={"tvl1": 110, "extract": 240, "train": 130, "steps": 200, "stages": 60, "fused": 70, "loader": 20,
             "evaluate": 30, "ddp": 15, "predict": 40},
 )
 SMOKE = Plan(
@@ -441,7 +447,8 @@ def section_extract(ctx: Context, sec: Section) -> None:
                   f"(bench/extract_e2e.py): {len(frames)} real clips x {repeat} names, from the videos to JPEG training "
                   "shards. Solver = the TV-L1 calls, synchronised; share = solver / wall (wall includes start-up, "
                   "the compile of a cold cache, decoding, writing). Peak host = the process's max RSS (its children "
-                  "apart: the largest ffmpeg is the next column, encode workers are not counted); peak device = the allocator's peak.", "",
+                  "apart: the largest ffmpeg is the next column, encode workers are not counted); peak device = the "
+                  "allocator's peak.", "",
                   "| solver | encode workers | videos ok | pairs | wall s | pairs/s | solver s | solver share | "
                   "peak host GiB | peak ffmpeg GiB | peak device GiB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -748,8 +755,9 @@ def section_fused(ctx: Context, sec: Section) -> None:
 
     speed = ctx.plan.speed
     precisions = [torch.float32, torch.bfloat16]
-    if not sec.check(fused_cascade.available(torch.empty(0, device=ctx.device)),
-                     "the fused cascade cannot run here (Triton missing, or neither CUDA nor its interpreter)"):
+    runs_here = fused_cascade.available(torch.empty(0, device=ctx.device))
+    sec.check(runs_here, "the fused cascade cannot run here (Triton missing, or neither CUDA nor its interpreter)")
+    if not runs_here:
         return
     sec.lines += ["Agreement: the Triton kernel against the eager cascade on fresh random inputs (batch 2, "
                   "channels_last_3d), both against a float64 cascade of the same inputs; error = max |difference| / "
