@@ -20,8 +20,6 @@ frames (:func:`channel_statistics`); the numbers travel with the run's checkpoin
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,7 +29,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from pipeline.errors import Asym3dError
-from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, VideoEntry
+from pipeline.store import SHARD_GLOB, DamagedError, ShardSet, StoreError, VideoEntry, content_digest
 
 from .clips import clip_indices, crop, crop_positions
 
@@ -68,8 +66,8 @@ def shard_identity(shards: ShardSet) -> dict[str, Any]:
     """What a run records about its shards: the absolute path, a digest of what defines them (schema, dataset
     description with the class list, plan of videos per shard) and the complete shard files it saw."""
     defined = {"schema": shards.schema.to_dict(), "dataset": shards.dataset, "plan": shards.plan}
-    digest = hashlib.sha256(json.dumps(defined, sort_keys=True).encode()).hexdigest()
-    return {"path": str(shards.root.resolve()), "digest": digest, "files": list(shards.complete_shards)}
+    return {"path": str(shards.root.resolve()), "digest": content_digest(defined),
+            "files": list(shards.complete_shards)}
 
 
 def check_shard_identity(shards: ShardSet, expected: dict[str, Any] | None, owner: Path | str) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.extract import FLOW_FIELD, RGB_FIELD
-from pipeline.store import Schema, ShardWriter, VideoMeta, prepare_output, shard_name
+from pipeline.store import Schema, ShardSet, ShardWriter, VideoMeta, content_digest, prepare_output, shard_name
 from test_errors import _invoke, _one_line_error
 from test_train import write_toy_shards
 
@@ -73,7 +73,10 @@ def test_run_json_records_the_shards_by_absolute_path_and_identity(lab: Path) ->
     for run in (lab / "rgb", lab / "multi" / "split1"):
         info = json.loads((run / "run.json").read_text())
         assert info["config"]["shard_dir"] == info["shards"]["path"] == str((lab / "shards").resolve())
-        assert info["shards"]["files"] == [shard_name(0), shard_name(1)] and len(info["shards"]["digest"]) == 64
+        assert info["shards"]["files"] == [shard_name(0), shard_name(1)]
+        shards = ShardSet(lab / "shards")
+        defined = {"schema": shards.schema.to_dict(), "dataset": shards.dataset, "plan": shards.plan}
+        assert info["shards"]["digest"] == content_digest(defined)
         assert load_checkpoint(run / "last.pt")["shards"] == info["shards"]
 
 
