@@ -33,7 +33,7 @@ from pipeline.errors import Asym3dError
 from pipeline.extract import FLOW_FIELD
 from pipeline.flow import backend_metadata, make_backend
 from pipeline.rgbf import paired_flow_index, training_frames
-from pipeline.store import FieldSpec, Schema, StoreError, decode_field, load_dataset_meta
+from pipeline.store import FieldSpec, Schema, StoreError, load_dataset_meta, stored_values
 from pipeline.tvl1_params import TVL1Params
 
 from .checkpoint import CheckpointError, build_model_from_checkpoint, load_checkpoint
@@ -83,24 +83,6 @@ class InputRecipe:
         return json.dumps([self.decode.__dict__, self.flow], sort_keys=True, default=str)
 
 
-def stored(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
-    """``values`` as the shards give them back after storing them under ``spec``: JPEG-encoded and decoded,
-    quantised (flow: int16 hundredths of a pixel) or unchanged. The store's own encoding, frame by frame
-    (:mod:`pipeline.store`), so predict sees the bytes the trainer and the evaluator saw."""
-    if spec.encoding == "jpeg":
-        import simplejpeg
-
-        encoded = [np.frombuffer(simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=spec.quality or 90,
-                                                        colorspace="RGB", colorsubsampling=spec.subsampling),
-                                 np.uint8) for frame in values]
-        return decode_field(spec, encoded)
-    dtype = np.dtype(spec.dtype)
-    if np.issubdtype(dtype, np.integer) and spec.scale != 1.0:
-        info = np.iinfo(dtype)
-        return decode_field(spec, np.clip(np.rint(values * spec.scale), info.min, info.max).astype(dtype))
-    return decode_field(spec, values.astype(dtype, copy=False))
-
-
 class VideoInputs:
     """One video's inputs for several runs: decoded once per decoding, flow computed once per flow."""
 
@@ -117,15 +99,15 @@ class VideoInputs:
             self._decoded[key] = decode_video(self.path, recipe.decode)
         rgb = self._decoded[key]
         if recipe.modality == "rgb":
-            return stored(recipe.field, rgb)
+            return stored_values(recipe.field, rgb)
         identity = recipe.identity()
         if identity not in self._flow:
             if len(rgb) < 2:
                 raise PredictError(f"{self.path}: {len(rgb)} frame; optical flow needs at least 2")
-            self._flow[identity] = stored(recipe.flow_field, self.backends[identity].compute(rgb))
+            self._flow[identity] = stored_values(recipe.flow_field, self.backends[identity].compute(rgb))
         flow = self._flow[identity][paired_flow_index(len(rgb))]
         made = training_frames(rgb, flow, (recipe.modality,), recipe.bound)[recipe.modality]
-        return stored(recipe.field, made)
+        return stored_values(recipe.field, made)
 
 
 def protocol_item(frames: np.ndarray, spec: ViewProtocol) -> dict[str, Any]:

@@ -673,13 +673,15 @@ def encode_values(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
 
 
 def stored_values(spec: FieldSpec, values: np.ndarray) -> np.ndarray:
-    """``values`` at the precision a raw field stores them, as a reader gets them back: what a later stage reading
-    the stored field sees, computed without writing it.
+    """``values`` as a reader of the field ``spec`` gets them back (JPEG-encoded and decoded, or at the precision a
+    raw field stores them): what a later stage, or predict, sees, computed without writing it.
 
     Finite float32 values of an int8/int16 field take a shortcut with the same result in a third of the time: every
     integer of those dtypes is exact in float32, so ``rint(v * scale)`` clipped to the dtype's range and divided by
     ``scale`` skips the round trip through the integer array. Anything else (NaN, whose integer cast is undefined)
     takes the round trip."""
+    if spec.encoding == "jpeg":
+        return decode_field(spec, encode_jpeg(spec, values))
     dtype = np.dtype(spec.dtype)
     if (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2 and spec.scale != 1.0
             and values.dtype == np.float32 and np.isfinite(values).all()):
