@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError, build_model_from_checkpoint, load_check
 from .clips import ViewProtocol, protocol_frames
 from .evaluate import checkpoint_views, score_clips
 from .fusion import fusion_weights
+from .runs import split_dir
 
 SCHEMA_PARTS = "decoding, flow algorithm and parameters, flow image bound, storage"
 
@@ -154,13 +155,14 @@ class Run:
 
 
 def resolve_run(path: Path, split: int = 1, choice: str = "best") -> Path:
-    """A checkpoint file, or a run directory's ``split{N}/{choice}.pt`` (``train --splits``) or ``{choice}.pt``."""
+    """A checkpoint file, or a run directory's checkpoint of split ``split`` in either layout train writes (read from
+    run.json by :func:`model.runs.split_dir`, as evaluate reads it: a single-split run of another split is refused)."""
     if path.is_file():
         return path
-    for candidate in (path / f"split{split}" / f"{choice}.pt", path / f"{choice}.pt"):
-        if candidate.is_file():
-            return candidate
-    raise PredictError(f"{path}: no checkpoint (looked for split{split}/{choice}.pt and {choice}.pt)")
+    candidate = split_dir(path, split) / f"{choice}.pt"
+    if not candidate.is_file():
+        raise PredictError(f"{path}: no checkpoint {candidate}")
+    return candidate
 
 
 def is_run(path: Path) -> bool:

@@ -262,3 +262,13 @@ def test_a_refused_evaluate_creates_nothing(lab: Path, options: list[str], needl
     assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
     assert all(n in proc.stderr for n in needles), proc.stderr
     assert _created(lab, before) == []
+
+
+def test_predict_finds_a_runs_checkpoint_as_evaluate_does(lab: Path) -> None:
+    from model.predict import resolve_run
+    from model.runs import RunError
+
+    assert resolve_run(lab / "rgb", 1, "best") == lab / "rgb" / "best.pt"
+    assert resolve_run(lab / "multi", 1, "last") == lab / "multi" / "split1" / "last.pt"
+    with pytest.raises(RunError, match="a run of split 1 only"):  # was: split 1's best.pt taken for split 2
+        resolve_run(lab / "rgb", 2, "best")
